@@ -1,0 +1,61 @@
+"""Pieces shared by the in-process grids (inline, Ray)."""
+
+from __future__ import annotations
+
+import traceback
+import uuid
+
+from flwr.app import Context, Error, Message, RecordDict
+
+CLIENT_EXCEPTION = 902
+CLIENT_TIMEOUT = 903
+
+
+NODE_ID_OFFSET = 1 << 20  # node ids of in-process engines: offset + partition id
+
+
+def node_id_of(pid: int) -> int:
+    """In-process engines number nodes ``NODE_ID_OFFSET + partition-id`` (clear of the
+    SuperLink's id 1). Nothing relies on this: the server learns the map by querying."""
+    return NODE_ID_OFFSET + pid
+
+
+def set_server_identity(run_id: int = 1) -> None:
+    """Flower builds Messages from the process's TaskIdentity; in-process engines set it
+    as Flower's own ServerApp runtime does."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+
+def make_context(pid: int, num_clients: int) -> Context:
+    """A fresh node Context: partition id in node_config, empty private state."""
+    return Context(
+        run_id=1,
+        node_id=node_id_of(pid),
+        node_config={"partition-id": pid, "num-partitions": num_clients},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def stamp(msg: Message) -> str:
+    """Give a message the id a real link would (Flower leaves it empty until pushed)."""
+    mid = uuid.uuid4().hex
+    msg.metadata.__dict__["_message_id"] = mid
+    return mid
+
+
+def error_reply(msg: Message, code: int, exc: BaseException | str) -> Message:
+    """An error reply naming the exception (kept short; full trace in the reason tail)."""
+    if isinstance(exc, BaseException):
+        reason = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc)[-3:])
+    else:
+        reason = exc
+    return Message(Error(code, reason), reply_to=msg)
+
+
+__all__ = ["set_server_identity", "node_id_of", "make_context", "stamp", "error_reply"]

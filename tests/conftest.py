@@ -1,0 +1,37 @@
+"""Shared fixtures: compose configs and run short experiments in-process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from fedsim.compose import compose_config  # noqa: E402
+from fedsim.experiment import run_experiment  # noqa: E402
+from fedsim.results import read_metrics  # noqa: E402
+
+TINY = ["rounds=3", "num_clients=4", "client.epochs=1"]
+
+
+@pytest.fixture
+def cfg_of():
+    """``cfg_of('strategy=fedprox', ...)`` -> composed DictConfig."""
+    return lambda *ov: compose_config(list(ov))
+
+
+@pytest.fixture
+def run(tmp_path: Path):
+    """``run('rounds=2', ...)`` -> (summary, metrics rows, run_dir)."""
+
+    def _run(*overrides: str, name: str = "run"):
+        run_dir = tmp_path / name
+        summary = run_experiment(compose_config(TINY + list(overrides)), run_dir)
+        return summary, read_metrics(run_dir), run_dir
+
+    return _run
+
+
+MNIST10K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist10k.npz"
