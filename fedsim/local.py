@@ -177,7 +177,8 @@ def train_loop(
     for h in hooks:
         h.on_start(run)
     total, counted = 0.0, 0
-    for run.step, idx in enumerate(batches(len(y), batch_size, run.total_steps, gen)):
+    for step, idx in enumerate(batches(len(y), batch_size, run.total_steps, gen)):
+        run.step = step
         xb, yb = x[idx].to(run.device, non_blocking=True), y[idx].to(run.device, non_blocking=True)
         skipped = False
         for h in hooks:
