@@ -8,6 +8,7 @@ engine or on execution order. Models are registered by name in :data:`PARTICIPAT
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -16,15 +17,16 @@ import numpy as np
 from fedsim.seeding import np_rng
 
 
-class Participation:
+class Participation(ABC):
     """Base class. Subclasses implement :meth:`active`."""
 
     def __init__(self, cfg: Any, num_clients: int, seed: int, context: dict[str, Any] | None = None) -> None:
         self.cfg, self.n, self.seed = cfg, num_clients, seed
         self.context = context or {}
 
+    @abstractmethod
     def active(self, server_round: int) -> list[int]:
-        raise NotImplementedError  # abstract
+        """Sorted partition ids that train in ``server_round``."""
 
     def probabilities(self) -> np.ndarray | None:
         """Per-client participation probabilities p_n, where the model has them."""
