@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim.participation import Participation
@@ -36,8 +36,7 @@ from fedsim.seeding import derive_seed
 
 log = logging.getLogger("fedsim")
 
-NONFINITE_CODE = 900
-MISSING_CODE = 901
+NONFINITE_CODE = 900  # error code of a reply dropped for NaN/Inf arrays
 
 
 class ReplyHook(Protocol):
@@ -57,7 +56,7 @@ def is_finite(content: RecordDict) -> bool:
     """True when every floating-point array in ``content`` is finite."""
     for rec in content.array_records.values():
         for arr in rec.values():
-            if arr.dtype.startswith(("float", "complex")) or "float" in arr.dtype:
+            if "float" in arr.dtype or "complex" in arr.dtype:
                 if not np.isfinite(arr.numpy()).all():
                     return False
     return True
@@ -155,7 +154,6 @@ class FedsimGrid(Grid):
             return []
         is_train = messages[0].metadata.message_type.startswith(MessageType.TRAIN)
         st = self.stats.setdefault(self.server_round, RoundStats())
-        by_id: dict[str, Message] = {}
         if is_train:
             st.sampled += len(messages)
             st.bytes_down += sum(record_bytes(m.content) for m in messages)
@@ -192,7 +190,6 @@ class FedsimGrid(Grid):
         if is_train:
             for hook in self.hooks:
                 out = hook.on_train_replies(self, self.server_round, out)
-        del by_id
         return out
 
 
@@ -202,7 +199,3 @@ def _find(messages: list[Message], reply: Message) -> Message:
         if m.metadata.dst_node_id == reply.metadata.src_node_id:
             return m
     raise KeyError(reply.metadata.src_node_id)
-
-
-def arrays_of(msg: Message) -> ArrayRecord:
-    return msg.content.array_records["arrays"]
