@@ -4,12 +4,16 @@ An attack is a bundle of optional transforms, each testable alone:
 
 * ``transform_data(x, y, rng) -> (x, y)``: data attacks (label flip, blur); applied to the
   client's partition before local training;
-* ``hooks() -> list[TrainHook]``: training-time attacks (PGD projection, per-batch blur);
+* ``hooks(rng) -> list[TrainHook]``: training-time attacks (PGD projection, per-batch blur);
 * ``transform_update(delta, rng) -> delta``: model attacks on the update (sign flip, noise),
   applied after training, where ``delta = local - global`` per state_dict entry.
 
+All three receive the same generator ``rng`` (keyed by seed, round and partition id), in that
+order, and draw every random number from it, so an attack is reproducible on every engine.
+
 Colluding attacks that need the benign updates are :class:`ReplyTransform` objects the harness
-applies to the attackers' replies on the server side, before the strategy sees them.
+applies to the attackers' replies on the server side, before the strategy sees them (see
+``docs/threat.md`` for that threat model).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class ClientAttack:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y
 
-    def hooks(self) -> list[TrainHook]:
+    def hooks(self, rng: np.random.Generator) -> list[TrainHook]:
         return []
 
     def transform_update(self, delta: Update, rng: np.random.Generator) -> Update:
@@ -50,8 +54,8 @@ class Chain(ClientAttack):
             x, y = a.transform_data(x, y, rng)
         return x, y
 
-    def hooks(self) -> list[TrainHook]:
-        return [h for a in self.attacks for h in a.hooks()]
+    def hooks(self, rng: np.random.Generator) -> list[TrainHook]:
+        return [h for a in self.attacks for h in a.hooks(rng)]
 
     def transform_update(self, delta, rng):
         for a in self.attacks:
@@ -62,7 +66,10 @@ class Chain(ClientAttack):
 class ReplyTransform:
     """A server-side transform of the attackers' updates given every reply of the round.
 
-    ``apply(benign, malicious, rng) -> malicious``: lists of flattened updates (1-D tensors).
+    ``apply(benign, malicious, rng) -> malicious``: lists of flattened updates (1-D float64
+    tensors, ``local - global`` over every floating-point state_dict entry). ``benign`` holds the
+    round's updates from clients that are not malicious (unreliable ones included), ``malicious``
+    the honest updates this group's members computed; the result replaces the latter.
     """
 
     def apply(

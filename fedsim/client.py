@@ -82,7 +82,8 @@ def _param(config: ConfigRecord, key: str, default: Any) -> Any:
 def _load_global(model: nn.Module, arrays: ArrayRecord, device: torch.device) -> dict[str, torch.Tensor]:
     sd = arrays.to_torch_state_dict()
     model.load_state_dict(sd, strict=True)
-    return {k: v.detach().to(device) for k, v in model.state_dict().items()}
+    # clone: detach() alone would alias the live parameters, which training then overwrites
+    return {k: v.detach().clone().to(device) for k, v in model.state_dict().items()}
 
 
 def client_train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
@@ -130,7 +131,7 @@ def client_train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message
         partition_id=pid,
         server_round=server_round,
     )
-    hooks = [algo] + (attack.hooks() if attack is not None else [])
+    hooks = [algo] + (attack.hooks(arng) if attack is not None else [])
     loss = train_loop(run, x, y, hooks, opt, batch_size, torch_gen(seed, "batches", server_round, pid))
     if ccfg.get("persist_optimizer"):
         bufs = {
