@@ -113,6 +113,25 @@ class ParticipationConfig:
 
 
 @dataclass
+class ThreatGroupConfig:
+    """One attacker group of the threat model (see :mod:`fedsim.threat`)."""
+
+    name: str = MISSING  # label used in ground truth and detection scores
+    kind: str = "malicious"  # malicious | unreliable | benign
+    fraction: float | None = None  # of num_clients (give this or ids)
+    ids: list[int] | None = None  # explicit partition ids
+    attack: Any = None  # _target_ node: a ClientAttack or a ReplyTransform (colluding)
+    detect_as: list[str] | None = None  # detector labels that count as the right type (default [name])
+
+
+@dataclass
+class ThreatConfig:
+    """Who attacks and how (``threat/`` group); the ground truth strategies never see."""
+
+    groups: list[ThreatGroupConfig] = field(default_factory=list)
+
+
+@dataclass
 class OutputConfig:
     save_model: bool = True
     checkpoint_every: int = 0  # write a resumable checkpoint every k rounds (0 = never)
@@ -129,7 +148,7 @@ class FedsimConfig:
     strategy: Any = MISSING
     engine: EngineConfig = field(default_factory=EngineConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
-    threat: Any = field(default_factory=lambda: {"groups": []})
+    threat: ThreatConfig = field(default_factory=ThreatConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

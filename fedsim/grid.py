@@ -96,6 +96,7 @@ class FedsimGrid(Grid):
         self.pid_to_node: dict[int, int] = {}
         self._active: list[int] = []
         self.stats: dict[int, RoundStats] = {}
+        self.sent_train: dict[int, Message] = {}  # this round's train messages by node (for reply hooks)
 
     # -- delegation -------------------------------------------------------------------
     def set_run(self, run):  # noqa: ANN001, D102
@@ -155,6 +156,7 @@ class FedsimGrid(Grid):
         is_train = messages[0].metadata.message_type.startswith(MessageType.TRAIN)
         st = self.stats.setdefault(self.server_round, RoundStats())
         if is_train:
+            self.sent_train = {m.metadata.dst_node_id: m for m in messages}
             st.sampled += len(messages)
             st.bytes_down += sum(record_bytes(m.content) for m in messages)
         replies = list(self.base.send_and_receive(messages, timeout=timeout if timeout is not None else self.timeout))
