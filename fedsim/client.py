@@ -50,8 +50,6 @@ def import_strategy_module(cfg: dict[str, Any]) -> None:
     target = str(cfg.get("strategy", {}).get("_target_", ""))
     if "." in target:
         importlib.import_module(target.rsplit(".", 1)[0])
-    for mod in cfg.get("client_modules", []) or []:
-        importlib.import_module(mod)
 
 
 def get_runtime(cfg: dict[str, Any]) -> ClientRuntime:

@@ -166,6 +166,8 @@ class FedsimGrid(Grid):
             if not r.has_error() and r.has_content() and not is_finite(r.content):
                 r = Message(Error(NONFINITE_CODE, "reply contains NaN or Inf values; dropped"), reply_to=_find(messages, r))
             out.append(r)
+        # partition order before anything sums over replies: arrival order differs between engines
+        out.sort(key=lambda r: self.node_to_pid.get(r.metadata.src_node_id, -1))
         if is_train:
             for m in messages:
                 if m.metadata.dst_node_id not in answered:
@@ -188,7 +190,6 @@ class FedsimGrid(Grid):
                     weights.append(float(m.get("num-examples", 1)))
             if losses:
                 st.train_loss = float(np.average(losses, weights=weights))
-        out.sort(key=lambda r: self.node_to_pid.get(r.metadata.src_node_id, -1))
         if is_train:
             for hook in self.hooks:
                 out = hook.on_train_replies(self, self.server_round, out)

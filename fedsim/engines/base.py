@@ -42,6 +42,39 @@ def make_context(pid: int, num_clients: int) -> Context:
     )
 
 
+def client_threads(cfg: dict) -> int:
+    """Torch threads per client process: ``client.num_threads``, else what the inline engine
+    would use (this process's count). Worker processes use the same number as inline, because
+    the thread count changes how matrix products are summed and so the last bits of results."""
+    import torch
+
+    return int(cfg["client"].get("num_threads") or 0) or torch.get_num_threads()
+
+
+def warm_up(cfg: dict) -> None:
+    """Build this process's client runtime and run one no-op SGD step (lr=0) on it.
+
+    The first ``torch.optim.SGD`` of a process imports torch's compiler stack (seconds), which
+    would otherwise be charged to the first client served, against ``engine.client_timeout``.
+    The model's weights are untouched (lr=0) and every client call reloads them anyway.
+    """
+    import torch
+
+    from fedsim.client import get_runtime
+
+    rt = get_runtime(cfg)
+    x, y = rt.data.client(0)
+    if len(y) == 0:
+        return
+    model = rt.model
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss = torch.nn.functional.cross_entropy(model(x[:2].to(rt.device)), y[:2].to(rt.device))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def stamp(msg: Message) -> str:
     """Give a message the id a real link would (Flower leaves it empty until pushed)."""
     mid = uuid.uuid4().hex
@@ -58,4 +91,4 @@ def error_reply(msg: Message, code: int, exc: BaseException | str) -> Message:
     return Message(Error(code, reason), reply_to=msg)
 
 
-__all__ = ["set_server_identity", "node_id_of", "make_context", "stamp", "error_reply"]
+__all__ = ["set_server_identity", "node_id_of", "make_context", "stamp", "error_reply", "client_threads", "warm_up"]

@@ -25,6 +25,7 @@ from fedsim.engines.base import (
     node_id_of,
     set_server_identity,
     stamp,
+    warm_up,
 )
 from fedsim.server import run_server
 
@@ -81,5 +82,6 @@ class InlineGrid(Grid):
 def run(cfg: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:
     """Run ``cfg`` in this process."""
     set_server_identity()
+    warm_up(cfg)  # torch's lazy imports must not count against the first client's timeout
     grid = InlineGrid(make_client_app(cfg), cfg["num_clients"], cfg["engine"].get("client_timeout"))
     return run_server(grid, cfg, run_dir, engine="inline")

@@ -1,0 +1,296 @@
+"""The ``ray`` engine: ClientApp calls dispatched to a pool of Ray actors.
+
+* **Pool.** Each actor reserves ``engine.client_resources`` (``num_cpus``, fractional
+  ``num_gpus``: 0.1 = ten clients share a GPU). The pool holds as many actors as fit in the
+  resources Ray reports, node by node (or ``engine.num_actors``), never more than there are
+  clients. An actor builds the ClientApp once; the ClientApp caches data and the model object
+  per process (:func:`fedsim.client.get_runtime`), so actors are warmed up before round 1.
+* **Context.** Every node's :class:`~flwr.app.Context` lives here, on the driver. It travels
+  with each call and the actor sends the updated ``context.state`` back with the reply, so a
+  client's memory survives whichever actor serves it next.
+* **Failures.** A client that raises becomes an error reply (the round goes on; ``FedsimGrid``
+  counts and logs it). A client running past ``engine.client_timeout`` becomes an error reply
+  and its actor is killed and replaced; so is an actor that dies.
+* **Cluster.** ``engine.address`` joins an existing cluster (``"auto"``, ``"ray://host:10001"``);
+  otherwise a local Ray is started quietly (no dashboard, no worker log forwarding) and shut
+  down at the end. ``engine.init_args`` are extra ``ray.init`` keyword arguments. A Ray that
+  was already running is used as is and left running.
+* **Threads.** Actors use the torch thread count the inline engine would use
+  (``client.num_threads``, else the driver's), so all engines produce the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import ray
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedsim.config import ConfigError
+from fedsim.engines.base import (
+    CLIENT_EXCEPTION,
+    CLIENT_TIMEOUT,
+    client_threads,
+    error_reply,
+    make_context,
+    node_id_of,
+    set_server_identity,
+    stamp,
+    warm_up,
+)
+from fedsim.server import run_server
+
+log = logging.getLogger("fedsim")
+
+ACTOR_DIED = 904
+
+
+class ClientActor:
+    """One worker process: runs the ClientApp for whichever client it is handed."""
+
+    def __init__(self, cfg: dict[str, Any], num_threads: int) -> None:
+        import torch
+
+        from fedsim.client import make_client_app
+
+        torch.set_num_threads(num_threads)
+        self.app = make_client_app(cfg)
+        warm_up(cfg)  # data, model and torch's lazy imports now, not inside the first client's time
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run(self, msg: Message, context: Context) -> tuple[Message, RecordDict | None]:
+        """The reply and the client's updated state (``None`` when it raised)."""
+        try:
+            reply = self.app(msg, context)
+        except Exception as exc:  # reported to the server as an error reply
+            return error_reply(msg, CLIENT_EXCEPTION, exc), None
+        return reply, context.state
+
+
+def _quiet_ray() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
+
+
+def start_ray(engine: dict[str, Any]) -> bool:
+    """Connect to Ray as ``engine`` says; True when this call started (and so owns) it.
+
+    A local Ray inherits this process's environment, so the driver's ``sys.path`` is exported
+    as ``PYTHONPATH`` first: workers import whatever the driver can (test modules, a user's
+    strategy file next to the script), without a runtime environment to build.
+    """
+    _quiet_ray()
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+    }
+    kwargs.update(engine.get("init_args") or {})
+    address = engine.get("address")
+    if address:
+        kwargs["address"] = address
+    else:
+        paths = [p for p in sys.path if p and Path(p).is_dir()]
+        extra = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(paths + ([extra] if extra else []))
+    ray.init(**kwargs)
+    return True
+
+
+def pool_size(resources: dict[str, float], num_actors: int | None, num_clients: int) -> int:
+    """Actors that fit, node by node, in what Ray reports (or ``num_actors``), <= clients."""
+    if num_actors:
+        return max(1, min(int(num_actors), num_clients))
+    cpus, gpus = float(resources.get("num_cpus", 1.0)), float(resources.get("num_gpus", 0.0))
+    total = 0
+    for node in ray.nodes():
+        res = node.get("Resources") or {}
+        if not node.get("Alive", True) or not res:
+            continue
+        fit = math.floor(res.get("CPU", 0.0) / cpus + 1e-9)
+        if gpus > 0:
+            fit = min(fit, math.floor(res.get("GPU", 0.0) / gpus + 1e-9))
+        total += fit
+    if total == 0:
+        raise ConfigError(
+            f"engine.client_resources: no Ray node can host a client needing {cpus} CPUs and {gpus} GPUs "
+            f"(cluster: {ray.cluster_resources()})"
+        )
+    return min(total, num_clients)
+
+
+class RayGrid(Grid):
+    """Delivers each Message to a free actor with that node's Context; see the module docstring."""
+
+    def __init__(self, cfg: dict[str, Any], num_clients: int) -> None:
+        eng = cfg["engine"]
+        self.cfg = cfg
+        self.client_timeout: float | None = eng.get("client_timeout")
+        res = dict(eng.get("client_resources") or {})
+        self.num_cpus = float(res.get("num_cpus", 1.0))
+        self.num_gpus = float(res.get("num_gpus", 0.0))
+        self.threads = client_threads(cfg)
+        self.actor_cls = ray.remote(ClientActor).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
+        self.contexts = {node_id_of(p): make_context(p, num_clients) for p in range(num_clients)}
+        self._replies: dict[str, Message] = {}
+        self._run = None
+        self.size = size = pool_size(res, eng.get("num_actors"), num_clients)
+        actors = [self._new_actor() for _ in range(size)]
+        try:
+            pids = ray.get([a.ready.remote() for a in actors])
+        except ray.exceptions.RayError as err:
+            for a in actors:
+                ray.kill(a)
+            raise RuntimeError(f"ray engine: a client actor failed to start: {err}") from None
+        self.actors = actors
+        self._starting: dict[Any, Any] = {}  # ready() ref -> replacement actor still starting up
+        log.info("ray engine: %d actors (pids %s), %d torch threads each", size, pids, self.threads)
+
+    def _new_actor(self):  # noqa: ANN202
+        return self.actor_cls.remote(self.cfg, self.threads)
+
+    # -- Grid plumbing --------------------------------------------------------------------
+    def set_run(self, run):  # noqa: ANN001, D102
+        self._run = run
+
+    @property
+    def run(self):  # noqa: D102
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Run every message through the pool (blocking); replies wait for ``pull_messages``."""
+        messages = list(messages)
+        ids = [stamp(m) for m in messages]
+        self._replies.update(self._dispatch(messages, None))
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:  # noqa: D102
+        messages = list(messages)
+        ids = [stamp(m) for m in messages]
+        self._replies.update(self._dispatch(messages, timeout))
+        return self.pull_messages(ids)
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def _dispatch(self, messages: list[Message], timeout: float | None) -> dict[str, Message]:
+        """One message per free actor; collect replies, enforce timeouts, replace dead actors."""
+        queue = deque(messages)
+        starting = self._starting
+        for _ in range(self.size - len(self.actors) - len(starting)):  # replace actors lost last time
+            new = self._new_actor()
+            starting[new.ready.remote()] = new
+        idle = list(self.actors)
+        inflight: dict[Any, tuple[Any, Message, float]] = {}  # run() ref -> (actor, msg, start)
+        out: dict[str, Message] = {}
+        round_deadline = None if timeout is None else time.monotonic() + timeout
+
+        def replace(actor) -> None:  # noqa: ANN001
+            ray.kill(actor, no_restart=True)
+            self.actors.remove(actor)
+            if queue or not (self.actors or starting):  # needed now; else at the next dispatch
+                new = self._new_actor()
+                starting[new.ready.remote()] = new
+
+        while queue or inflight:
+            while queue and idle:
+                actor, msg = idle.pop(), queue.popleft()
+                ref = actor.run.remote(msg, self.contexts[msg.metadata.dst_node_id])
+                inflight[ref] = (actor, msg, time.monotonic())
+            now = time.monotonic()
+            deadlines = [t0 + self.client_timeout for _, _, t0 in inflight.values()] if self.client_timeout else []
+            if round_deadline is not None:
+                deadlines.append(round_deadline)
+            wait_s = max(0.0, min(deadlines) - now) if deadlines else None
+            done, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=wait_s)
+            if done:  # everything else already finished, without blocking
+                rest = [r for r in list(inflight) + list(starting) if r not in done]
+                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
+            for ref in done:
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayError as err:  # could not even start: give up on it
+                        log.error("ray engine: a replacement actor failed to start: %s", err)
+                        continue
+                    self.actors.append(actor)
+                    idle.append(actor)
+                    continue
+                actor, msg, _ = inflight.pop(ref)
+                node = msg.metadata.dst_node_id
+                try:
+                    reply, state = ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    out[msg.metadata.message_id] = error_reply(msg, ACTOR_DIED, f"client actor died: {err}")
+                    replace(actor)
+                    continue
+                except ray.exceptions.RayError as err:  # e.g. the reply could not be unpickled
+                    out[msg.metadata.message_id] = error_reply(msg, CLIENT_EXCEPTION, err)
+                    idle.append(actor)
+                    continue
+                if state is not None:
+                    self.contexts[node].state = state
+                out[msg.metadata.message_id] = reply
+                idle.append(actor)
+            now = time.monotonic()
+            for ref, (actor, msg, t0) in list(inflight.items()):
+                over_client = self.client_timeout is not None and now - t0 >= self.client_timeout
+                over_round = round_deadline is not None and now >= round_deadline
+                if over_client or over_round:
+                    del inflight[ref]
+                    what = f"engine.client_timeout={self.client_timeout}s" if over_client else f"timeout={timeout}s"
+                    out[msg.metadata.message_id] = error_reply(msg, CLIENT_TIMEOUT, f"client ran past {what}; actor replaced")
+                    replace(actor)
+            if round_deadline is not None and now >= round_deadline:
+                for msg in queue:
+                    out[msg.metadata.message_id] = error_reply(msg, CLIENT_TIMEOUT, f"not started within timeout={timeout}s")
+                queue.clear()
+            if queue and not idle and not inflight and not starting:
+                raise RuntimeError("ray engine: no client actor is left alive")
+        return out  # replacements still starting join the pool in a later round
+
+    def close(self) -> None:
+        """Kill the actors (their resources go back to the cluster)."""
+        for a in self.actors + list(self._starting.values()):
+            ray.kill(a, no_restart=True)
+        self.actors, self._starting = [], {}
+
+
+def run(cfg: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:
+    """Run ``cfg`` with clients on Ray actors; see the module docstring."""
+    num_actors = cfg["engine"].get("num_actors")
+    if num_actors is not None and int(num_actors) < 1:
+        raise ConfigError(f"engine.num_actors: must be >= 1 or null (got {num_actors})")
+    owned = start_ray(cfg["engine"])
+    try:
+        set_server_identity()
+        grid = RayGrid(cfg, cfg["num_clients"])
+        try:
+            return run_server(grid, cfg, run_dir, engine="ray")
+        finally:
+            grid.close()
+    finally:
+        if owned:
+            ray.shutdown()
