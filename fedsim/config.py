@@ -53,7 +53,7 @@ class PartitionConfig:
     """How train data is split across clients (``partition/`` group)."""
 
     name: str = "iid"  # iid | dirichlet | pathological | shard | natural
-    alpha: float = 0.5  # dirichlet concentration
+    alpha: float = 0.5  # dirichlet / label_dirichlet concentration
     min_partition_size: int = 2  # dirichlet: resample until every client has this many
     self_balancing: bool = False  # dirichlet: flwr-datasets' self-balancing
     classes_per_client: int = 2  # pathological
@@ -104,11 +104,13 @@ class EngineConfig:
 class ParticipationConfig:
     """Who trains in a round (``participation/`` group); decided by the harness, seeded."""
 
-    name: str = "sampled"  # sampled | full  (more models are registered in fedsim.participation)
+    name: str = "sampled"  # sampled | full | bernoulli | markov | cyclic (fedsim.participation.PARTICIPATION)
     fraction: float = 1.0  # sampled: fraction of clients per round
     min_clients: int = 1  # sampled: at least this many
-    probs: dict[str, Any] = field(default_factory=dict)  # per-client probability generator
-    q: float = 0.05  # markov: transition speed
+    # bernoulli/markov/cyclic: per-client p_n generator, {name: constant|uniform|explicit|label_correlated,
+    # ...its keys}; empty = FedAU's label_correlated(alpha=0.1, mean=0.1, min=0.02). See docs/fedau.md.
+    probs: dict[str, Any] = field(default_factory=dict)
+    q: float = 0.05  # markov: P(inactive -> active) (rescaled where P(active -> inactive) would exceed 1)
     cycle: int = 100  # cyclic: cycle length in rounds
 
 
@@ -166,7 +168,7 @@ def register_configs() -> None:
 
 
 DATASETS = ("digits", "synthetic", "npz", "torchvision", "huggingface")
-PARTITIONS = ("iid", "dirichlet", "pathological", "shard", "natural")
+PARTITIONS = ("iid", "dirichlet", "label_dirichlet", "pathological", "shard", "natural")
 ENGINES = ("inline", "ray", "flower")
 
 

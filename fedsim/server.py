@@ -8,6 +8,7 @@ and fixes the next round's participants.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -50,6 +51,16 @@ def train_config(cfg: dict[str, Any]) -> ConfigRecord:
             "weight-decay": float(c["weight_decay"]),
         }
     )
+
+
+def record_participation(part: Any, fgrid: FedsimGrid, recorder: Recorder, run_dir: Path | None) -> None:
+    """p_n and per-client realised participation: ``participation.json`` and the summary."""
+    rounds = {r: st.participants for r, st in sorted(fgrid.stats.items()) if r >= 1}
+    info = part.summary(rounds)
+    recorder.extra_summary["participation"] = info
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "participation.json").write_text(json.dumps(info))
 
 
 def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: str) -> dict[str, Any]:
@@ -115,5 +126,6 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
     )
     for obs in observers:
         recorder.extra_summary.update(obs.on_finish(strategy, fgrid))
+    record_participation(part, fgrid, recorder, run_dir)
     final = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
     return recorder.finish(final, engine)

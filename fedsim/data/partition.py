@@ -53,16 +53,52 @@ def _partitioner(cfg: Any, n: int, seed: int):
     raise ValueError(f"partition.name: unknown partitioner '{cfg.name}'")
 
 
+def label_dirichlet_indices(
+    labels: np.ndarray, num_clients: int, alpha: float, seed: int, min_size: int = 1, attempts: int = 10
+) -> list[np.ndarray]:
+    """Per-client label mixes q_n ~ Dir(alpha * 1_C); class c is split across clients in
+    proportion to q_n[c] / sum_m q_m[c] (FedAU's split, Wang & Ji ICLR 2024, IBM/fedau
+    ``util/util.py: partition``; there alpha_d = 0.1).
+
+    Unlike flwr-datasets' DirichletPartitioner (a Dir(alpha) over clients per class), this keeps
+    client sizes near len/N even for 250 clients and alpha = 0.1. Each class's indices are
+    shuffled (seeded), then cut into contiguous blocks at ``round(cumsum)`` as the authors do.
+    The mixes are redrawn (up to ``attempts`` times) until every client has ``min_size`` samples.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    rng = np_rng(seed, "partition", "label_dirichlet")
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    for _ in range(max(1, attempts)):
+        q = rng.dirichlet(alpha * np.ones(len(classes)), size=num_clients)  # [N, C]
+        frac = np.cumsum(q, axis=0) / q.sum(0, keepdims=True)
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for ci, idx in enumerate(by_class):
+            ends = np.round(len(idx) * frac[:, ci]).astype(np.int64)
+            starts = np.concatenate([[0], ends[:-1]])
+            for n in range(num_clients):
+                parts[n].append(idx[starts[n] : ends[n]])
+        out = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+        if min(len(p) for p in out) >= min_size:
+            return out
+    raise ValueError(
+        f"partition.min_partition_size: label_dirichlet could not give every client {min_size} samples "
+        f"in {attempts} draws (alpha={alpha}, {num_clients} clients); raise alpha or lower the size"
+    )
+
+
 def partition_indices(labels: np.ndarray, cfg: Any, num_clients: int, seed: int) -> list[np.ndarray]:
     """Split ``range(len(labels))`` into ``num_clients`` index arrays as ``cfg`` says."""
-    from datasets import Dataset, disable_progress_bars
-
-    disable_progress_bars()
     labels = np.asarray(labels)
     if num_clients > len(labels):
         raise ValueError(
             f"num_clients: {num_clients} clients but only {len(labels)} training samples"
         )
+    if cfg.name == "label_dirichlet":
+        return label_dirichlet_indices(labels, num_clients, float(cfg.alpha), seed, max(1, int(cfg.min_partition_size)))
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
     perm = np_rng(seed, "partition-shuffle").permutation(len(labels))
     ds = Dataset.from_dict({"label": labels[perm].tolist(), "idx": perm.tolist()})
     part = _partitioner(cfg, num_clients, seed)
