@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedsim import threat
+from fedsim.arrays import record_from_torch, record_to_torch
 from fedsim.data import FederatedData, load_federated
 from fedsim.local import LocalRun, get_local_algorithm, steps_for, train_loop
 from fedsim.models import build_model
@@ -43,6 +44,7 @@ class ClientRuntime:
 
 
 _RUNTIMES: dict[str, ClientRuntime] = {}
+_LAST_RUNTIME: dict[int, tuple[dict[str, Any], ClientRuntime]] = {}
 
 
 def import_strategy_module(cfg: dict[str, Any]) -> None:
@@ -54,6 +56,9 @@ def import_strategy_module(cfg: dict[str, Any]) -> None:
 
 def get_runtime(cfg: dict[str, Any]) -> ClientRuntime:
     """The cached runtime for ``cfg`` in this process (built on first use)."""
+    last = _LAST_RUNTIME.get(id(cfg))
+    if last is not None and last[0] is cfg:  # the same config object as the previous call
+        return last[1]
     key = json.dumps(cfg, sort_keys=True, default=str)
     rt = _RUNTIMES.get(key)
     if rt is None:
@@ -69,6 +74,8 @@ def get_runtime(cfg: dict[str, Any]) -> ClientRuntime:
         model = build_model(cfg["model"], data.in_shape, data.num_classes, cfg["seed"]).to(device)
         rt = ClientRuntime(cfg, data, model, device)
         _RUNTIMES[key] = rt
+    _LAST_RUNTIME.clear()
+    _LAST_RUNTIME[id(cfg)] = (cfg, rt)  # holds cfg, so its id cannot be reused while cached
     return rt
 
 
@@ -77,8 +84,17 @@ def _param(config: ConfigRecord, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def seed_torch(seed: int) -> None:
+    """``torch.manual_seed(seed)`` for what this process has initialised: the CPU generator, and
+    CUDA's once in use. (``torch.manual_seed`` also queues lazy seeding of uninitialised CUDA,
+    XPU and MTIA devices, recording a stack trace each time: a millisecond per client call.)"""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+
+
 def _load_global(model: nn.Module, arrays: ArrayRecord, device: torch.device) -> dict[str, torch.Tensor]:
-    sd = arrays.to_torch_state_dict()
+    sd = record_to_torch(arrays)
     model.load_state_dict(sd, strict=True)
     # clone: detach() alone would alias the live parameters, which training then overwrites
     return {k: v.detach().clone().to(device) for k, v in model.state_dict().items()}
@@ -92,12 +108,12 @@ def client_train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message
     server_round = int(_param(config, "server-round", 0))
     seed = int(cfg["seed"])
     ccfg = cfg["client"]
-    torch.manual_seed(derive_seed(seed, "client-torch", server_round, pid))  # dropout etc.
+    seed_torch(derive_seed(seed, "client-torch", server_round, pid))  # dropout etc.
     model, device = rt.model, rt.device
     global_sd = _load_global(model, msg.content.array_records["arrays"], device)
     x, y = rt.data.client(pid)
     attack = threat.client_attack(cfg.get("threat"), pid, cfg["num_clients"], seed)
-    arng = np_rng(seed, "attack", server_round, pid)
+    arng = np_rng(seed, "attack", server_round, pid) if attack is not None else None
     if attack is not None:
         x, y = attack.transform_data(x, y, arng)
     lr = float(_param(config, "lr", ccfg["lr"]))
@@ -112,7 +128,7 @@ def client_train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message
         weight_decay=float(_param(config, "weight-decay", ccfg["weight_decay"])),
     )
     if ccfg.get("persist_optimizer") and "optimizer" in context.state.array_records:
-        bufs = context.state.array_records["optimizer"].to_torch_state_dict()
+        bufs = record_to_torch(context.state.array_records["optimizer"])
         for i, p in enumerate(model.parameters()):
             if str(i) in bufs:
                 opt.state[p]["momentum_buffer"] = bufs[str(i)].to(device)
@@ -137,7 +153,7 @@ def client_train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message
             for i, p in enumerate(model.parameters())
             if "momentum_buffer" in opt.state.get(p, {})
         }
-        context.state["optimizer"] = ArrayRecord(torch_state_dict=bufs)
+        context.state["optimizer"] = record_from_torch(bufs)
     local_sd = {k: v.detach() for k, v in model.state_dict().items()}
     if attack is not None:
         delta = {k: local_sd[k] - global_sd[k] for k in local_sd if local_sd[k].is_floating_point()}
@@ -145,7 +161,7 @@ def client_train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message
         local_sd = {k: (global_sd[k] + delta[k] if k in delta else v) for k, v in local_sd.items()}
     reply = RecordDict(
         {
-            "arrays": ArrayRecord(torch_state_dict={k: v.cpu() for k, v in local_sd.items()}),
+            "arrays": record_from_torch(local_sd),
             "metrics": MetricRecord(
                 {"num-examples": int(len(y)), "train_loss": float(loss), "train_steps": int(total)}
             ),

@@ -31,6 +31,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedsim.arrays import to_numpy
 from fedsim.participation import Participation
 from fedsim.seeding import derive_seed
 
@@ -57,7 +58,7 @@ def is_finite(content: RecordDict) -> bool:
     for rec in content.array_records.values():
         for arr in rec.values():
             if "float" in arr.dtype or "complex" in arr.dtype:
-                if not np.isfinite(arr.numpy()).all():
+                if not np.isfinite(to_numpy(arr, copy=False)).all():
                     return False
     return True
 

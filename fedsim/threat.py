@@ -145,6 +145,8 @@ def client_attack(threat_cfg: Any, pid: int, num_clients: int, seed: int):
     member, which trains honestly and is rewritten on the server side)."""
     from attacks.base import ClientAttack
 
+    if not _groups(threat_cfg):  # no threat model: skip drawing the assignment on every call
+        return None
     name = assign(threat_cfg, num_clients, seed).get(pid)
     if name is None:
         return None

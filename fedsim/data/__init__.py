@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from fedsim.data.partition import label_histogram, partition_indices
 from fedsim.data.sources import DataBundle, load_source
 
-__all__ = ["FederatedData", "load_federated", "DataBundle", "partition_indices", "label_histogram"]
+__all__ = ["FederatedData", "load_federated", "share_federated", "DataBundle", "partition_indices", "label_histogram"]
 
 
 @dataclass
@@ -42,10 +42,20 @@ class FederatedData:
 _CACHE: dict[str, FederatedData] = {}
 
 
+def _cache_key(dataset: Any, partition: Any, num_clients: int, seed: int) -> str:
+    to_plain = (lambda c: OmegaConf.to_container(c, resolve=True)) if OmegaConf.is_config(dataset) else dict
+    return json.dumps([to_plain(dataset), to_plain(partition), num_clients, seed], sort_keys=True, default=str)
+
+
+def share_federated(dataset: Any, partition: Any, num_clients: int, seed: int, data: FederatedData) -> None:
+    """Make ``data`` what :func:`load_federated` returns here for these arguments (a worker
+    process handed the driver's data, so it neither reloads nor re-partitions it)."""
+    _CACHE[_cache_key(dataset, partition, num_clients, seed)] = data
+
+
 def load_federated(dataset: Any, partition: Any, num_clients: int, seed: int) -> FederatedData:
     """Load and partition once per process; later calls with the same config hit the cache."""
-    to_plain = (lambda c: OmegaConf.to_container(c, resolve=True)) if OmegaConf.is_config(dataset) else dict
-    key = json.dumps([to_plain(dataset), to_plain(partition), num_clients, seed], sort_keys=True, default=str)
+    key = _cache_key(dataset, partition, num_clients, seed)
     if key in _CACHE:
         return _CACHE[key]
     bundle = load_source(dataset, num_clients, seed)

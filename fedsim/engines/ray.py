@@ -5,6 +5,8 @@
   resources Ray reports, node by node (or ``engine.num_actors``), never more than there are
   clients. An actor builds the ClientApp once; the ClientApp caches data and the model object
   per process (:func:`fedsim.client.get_runtime`), so actors are warmed up before round 1.
+  The data are loaded and partitioned once, on the driver, and handed to the actors through
+  Ray's object store: workers (other machines included) need no data files.
 * **Context.** Every node's :class:`~flwr.app.Context` lives here, on the driver. It travels
   with each call and the actor sends the updated ``context.state`` back with the reply, so a
   client's memory survives whichever actor serves it next.
@@ -58,12 +60,15 @@ ACTOR_DIED = 904
 class ClientActor:
     """One worker process: runs the ClientApp for whichever client it is handed."""
 
-    def __init__(self, cfg: dict[str, Any], num_threads: int) -> None:
+    def __init__(self, cfg: dict[str, Any], num_threads: int, data: Any = None) -> None:
         import torch
 
         from fedsim.client import make_client_app
+        from fedsim.data import share_federated
 
         torch.set_num_threads(num_threads)
+        if data is not None:  # the driver's data: no reloading, no re-partitioning, no data files needed here
+            share_federated(cfg["dataset"], cfg["partition"], cfg["num_clients"], cfg["seed"], data)
         self.app = make_client_app(cfg)
         warm_up(cfg)  # data, model and torch's lazy imports now, not inside the first client's time
 
@@ -136,8 +141,9 @@ def pool_size(resources: dict[str, float], num_actors: int | None, num_clients: 
 class RayGrid(Grid):
     """Delivers each Message to a free actor with that node's Context; see the module docstring."""
 
-    def __init__(self, cfg: dict[str, Any], num_clients: int) -> None:
+    def __init__(self, cfg: dict[str, Any], num_clients: int, data: Any = None) -> None:
         eng = cfg["engine"]
+        self.data_ref = None if data is None else ray.put(data)  # one copy in the object store for all actors
         self.cfg = cfg
         self.client_timeout: float | None = eng.get("client_timeout")
         res = dict(eng.get("client_resources") or {})
@@ -161,7 +167,7 @@ class RayGrid(Grid):
         log.info("ray engine: %d actors (pids %s), %d torch threads each", size, pids, self.threads)
 
     def _new_actor(self):  # noqa: ANN202
-        return self.actor_cls.remote(self.cfg, self.threads)
+        return self.actor_cls.remote(self.cfg, self.threads, self.data_ref)
 
     # -- Grid plumbing --------------------------------------------------------------------
     def set_run(self, run):  # noqa: ANN001, D102
@@ -286,7 +292,13 @@ def run(cfg: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:
     owned = start_ray(cfg["engine"])
     try:
         set_server_identity()
-        grid = RayGrid(cfg, cfg["num_clients"])
+        from omegaconf import OmegaConf
+
+        from fedsim.data import load_federated
+
+        # loaded once, here (run_server finds it cached) and shared with every actor
+        data = load_federated(OmegaConf.create(cfg["dataset"]), OmegaConf.create(cfg["partition"]), cfg["num_clients"], cfg["seed"])
+        grid = RayGrid(cfg, cfg["num_clients"], data)
         try:
             return run_server(grid, cfg, run_dir, engine="ray")
         finally:
