@@ -56,7 +56,13 @@ What was verified, and what was not
   1/(eta K S) normalisation of g as [UNVERIFIED, high confidence].
 * VR variants: [UNVERIFIED]. FedAvg-M-VR is the STORM form quoted in the spec; SCAFFOLD-M-VR is
   derived by adding the same STORM correction to SCAFFOLD-M's direction (as the spec does).
-  g^0 = 0 (the paper may initialise g^0 with a large-batch gradient; not done here).
+* Initial momentum g^0 (``init_momentum``): the algorithms take g^0 as an input. "zero" uses
+  g^0 = 0 (default for FedAvg-M, SCAFFOLD-M); "first_round" runs round 1 with beta = 1, so g^1
+  is a plain average of stochastic gradients -- STORM's initialisation d_1 = grad f(x_1; xi_1)
+  (default for the VR variants). With g^0 = 0 the STORM estimate starts with error
+  -grad f(x^0), which decays only like (1 - beta)^r and enters every local step as
+  -(1 - beta) grad F_i(x^{r-1}; xi), an ascent direction on the client's own loss; on MNIST
+  with Dir(0.1) label skew this made the VR variants collapse (docs/momentum.md).
 
 How x^{r-1} reaches the VR clients (``prev_model``)
 ---------------------------------------------------
@@ -117,6 +123,7 @@ CI_KEY = "scaffold_ci"  # client state: c_i
 
 WEIGHTINGS = ("uniform", "num_examples")
 PREV_MODES = ("reconstruct", "send")
+INITS = ("zero", "first_round")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +204,9 @@ class MomentumFamily(UpdateStrategy):
         gamma: the paper's global step size in gradient units (x^{r+1} = x^r - gamma g^{r+1}).
         weighting: "uniform" (1/S, the papers) or "num_examples" (Flower's FedAvg weights).
         prev_model: VR only; "reconstruct" (x^{r-1} = x^r + gamma g^r on the client) or "send".
+        init_momentum: "zero" (g^0 = 0) or "first_round" (round 1 runs with beta = 1, so g^1 is a
+            plain average of stochastic gradients: STORM's d_1 = grad f(x_1; xi_1)). ``None``
+            picks "first_round" for the VR variants and "zero" otherwise.
         **kwargs: passed to Flower's FedAvg (fraction_train, ...).
     """
 
@@ -211,8 +221,10 @@ class MomentumFamily(UpdateStrategy):
         gamma: float | None = None,
         weighting: str = "uniform",
         prev_model: str = "reconstruct",
+        init_momentum: str | None = None,
         **kwargs,
     ) -> None:
+        init_momentum = init_momentum or ("first_round" if self.vr else "zero")
         if not 0.0 < float(beta) <= 1.0:
             raise ConfigError(f"strategy.beta: must be in (0, 1] (got {beta})")
         if float(global_lr) <= 0.0:
@@ -223,12 +235,15 @@ class MomentumFamily(UpdateStrategy):
             raise ConfigError(f"strategy.weighting: '{weighting}' is not one of {WEIGHTINGS}")
         if prev_model not in PREV_MODES:
             raise ConfigError(f"strategy.prev_model: '{prev_model}' is not one of {PREV_MODES}")
+        if init_momentum not in INITS:
+            raise ConfigError(f"strategy.init_momentum: '{init_momentum}' is not one of {INITS}")
         super().__init__(**kwargs)
         self.beta = float(beta)
         self.global_lr = float(global_lr)
         self.gamma = None if gamma is None else float(gamma)
         self.weighting = weighting
         self.prev_model = prev_model
+        self.init_momentum = init_momentum
         self.g: np.ndarray | None = None  # g^r over all float arrays (None = 0)
         self.c: dict[str, np.ndarray] | None = None  # c^r per trainable parameter (None = 0)
         self.prev_vec: np.ndarray | None = None  # x^{r-1} (prev_model="send")
@@ -261,10 +276,14 @@ class MomentumFamily(UpdateStrategy):
             self._round_records[PREV_KEY] = unflatten_like(self.prev_vec, arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
+    def round_beta(self) -> float:
+        """beta for this round: 1 until the first step when ``init_momentum="first_round"``."""
+        return 1.0 if self.init_momentum == "first_round" and self.g is None else self.beta
+
     def train_config_extra(self, server_round: int) -> dict[str, object]:
         return {
             "local-algorithm": self.local_algorithm,
-            "fedm-beta": self.beta,
+            "fedm-beta": self.round_beta(),
             "fedm-weight-decay": float(self.weight_decay or 0.0),
             "fedm-prev-gamma": float(self.last_gamma) if self.prev_model == "reconstruct" else 0.0,
         }
@@ -335,7 +354,7 @@ class Scaffold(MomentumFamily):
     control = True
 
     def __init__(self, global_lr: float = 1.0, gamma: float | None = None, weighting: str = "uniform", **kwargs) -> None:
-        super().__init__(beta=1.0, global_lr=global_lr, gamma=gamma, weighting=weighting, **kwargs)
+        super().__init__(beta=1.0, global_lr=global_lr, gamma=gamma, weighting=weighting, init_momentum="zero", **kwargs)
 
 
 class FedAvgMomentumVR(MomentumFamily):
