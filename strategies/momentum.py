@@ -36,8 +36,9 @@ x - y_i = eta * sum_k (grad_k - c_i + c). The server, with Delta_i = x_i^{r,K} -
     x^{r+1} = x^r - gamma * g^{r+1}
     c^{r+1} = c^r + (1/N) sum_{i in S_r} Delta c_i                   (control-variate methods)
 
-with g^0 = 0, c^0 = c_i^0 = 0. ``gamma`` is the paper's global step in gradient units; by
-default it is derived from a dimensionless server lr, gamma = global_lr * eta * K, so that
+with g^0 = 0 (or a first round at beta = 1, see below), c^0 = c_i^0 = 0. ``gamma`` is the
+paper's global step in gradient units; by default it is derived from a dimensionless server lr,
+gamma = global_lr * eta * K, so that
 x^{r+1} = x^r + global_lr * sum_i w_i Delta_i: FedAvg-M with beta = 1 *is* FedAvg with server lr
 ``global_lr`` (and SCAFFOLD's eta_g = global_lr), which the tests check.
 
@@ -216,7 +217,7 @@ class MomentumFamily(UpdateStrategy):
 
     def __init__(
         self,
-        beta: float = 0.1,
+        beta: float = 0.5,
         global_lr: float = 1.0,
         gamma: float | None = None,
         weighting: str = "uniform",
