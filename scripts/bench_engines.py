@@ -67,8 +67,22 @@ def overrides(data: Path, num_clients: int, sampled: int, engine: str) -> list[s
     ]
 
 
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def _descends(pid: int, root: int) -> bool:
+    """True when ``pid`` is a descendant of ``root`` (a local Ray's workers descend from the driver)."""
+    while pid > 1:
+        pid = _parent(pid)
+        if pid == root:
+            return True
+    return False
+
+
 class PeakRSS:
-    """Peak RSS of this process plus that of every Ray client worker seen while running."""
+    """Peak RSS of this process plus that of every Ray client worker it started."""
 
     TITLES = (b"ray::ClientActor", b"ray::ClientAppActor")
 
@@ -90,8 +104,9 @@ class PeakRSS:
                 if not proc.name.isdigit():
                     continue
                 try:
-                    if (proc / "cmdline").read_bytes().startswith(self.TITLES):
-                        self.workers[int(proc.name)] = self._hwm(proc.name)
+                    pid = int(proc.name)
+                    if (proc / "cmdline").read_bytes().startswith(self.TITLES) and _descends(pid, os.getpid()):
+                        self.workers[pid] = self._hwm(pid)
                 except OSError:
                     continue
 

@@ -21,10 +21,12 @@ from fedsim.results import read_metrics
 ray = pytest.importorskip("ray")
 
 # Sampled participation; client state (momentum buffers) that must follow each client whichever
-# worker serves it; partition 1 raises and partition 2 sleeps past engine.client_timeout.
+# worker serves it; partition 1 raises, partition 2 sleeps past engine.client_timeout and
+# partition 3 kills its ray actor in round 2 (raises elsewhere). Rounds: [0 1 5] [0 1 3] [2 3 5].
 PARITY = [
     "num_clients=6", "participation.fraction=0.5", "client.momentum=0.9", "client.persist_optimizer=true",
     "strategy._target_=failing.FailingFedAvg", "+strategy.fail=[1]", "+strategy.sleep=[2]",
+    "+strategy.crash=[3]", "+strategy.crash_round=2",
     "engine.client_timeout=5", "client.num_threads=1",
 ]
 # ray pre-empts the sleeper, the others wait for it; one Flower actor is enough (and starts faster)
@@ -53,9 +55,10 @@ def _comparable(rows):
     return out
 
 
-def test_parity_and_failures_inline_ray_flower(ray_session, run):
+def test_parity_and_failures_inline_ray_flower(ray_session, run, monkeypatch):
     """Same config on the three engines: bitwise-equal final models, equal round records, and
     the injected failures recorded (the round goes on without them)."""
+    monkeypatch.setattr("fedsim.engines.ray.SHARE_BYTES", 0)  # the global model via the object store, as large ones go
     results, took, threads = {}, {}, torch.get_num_threads()
     try:
         for e in ("inline", "ray", "flower"):
@@ -67,7 +70,7 @@ def test_parity_and_failures_inline_ray_flower(ray_session, run):
     assert took["ray"] < 120  # the sleeper was killed, not waited for
     ref_rows = _comparable(results["inline"][1])
     ref_model = torch.load(results["inline"][2] / "model.pt")
-    failed = {1: "injected failure in partition 1", 2: "client_timeout"}
+    failed = {1: "injected failure in partition 1", 2: "client_timeout", 3: "injected crash in partition 3"}
     for engine, (summary, rows, run_dir) in results.items():
         assert summary["engine"] == engine and ray.is_initialized()  # the shared Ray survives
         assert [r["round"] for r in rows] == [1, 2, 3]
@@ -77,9 +80,13 @@ def test_parity_and_failures_inline_ray_flower(ray_session, run):
         for r in rows:
             assert r["sampled"] == 3 and r["replied"] + r["failed"] == 3
             for f in r.get("failures", []):  # Flower's own error reason starts with a long Ray trace
-                expected = "ClientAppException" if engine == "flower" and f["partition"] == 1 else failed[f["partition"]]
+                expected = failed[f["partition"]]
+                if engine == "flower" and f["partition"] in (1, 3):
+                    expected = "ClientAppException"
+                if engine == "ray" and f["partition"] == 3:
+                    expected = "client actor died"
                 assert expected in f["reason"], (engine, f)
-    assert sum(r["failed"] for r in results["ray"][1]) >= 2  # the seed samples 1 and 2 at least once
+    assert [r["failures"] for r in _comparable(results["ray"][1])] == [[1], [1, 3], [2]]
     assert results["ray"][0]["final_accuracy"] > 0.3
 
 

@@ -7,6 +7,9 @@
   per process (:func:`fedsim.client.get_runtime`), so actors are warmed up before round 1.
   The data are loaded and partitioned once, on the driver, and handed to the actors through
   Ray's object store: workers (other machines included) need no data files.
+* **Messages.** A large global model (>= 100 KiB), which every train message of a round
+  carries, is put in Ray's object store once per round rather than with each message. Each actor
+  keeps up to two calls queued, so it starts the next client while the driver handles a reply.
 * **Context.** Every node's :class:`~flwr.app.Context` lives here, on the driver. It travels
   with each call and the actor sends the updated ``context.state`` back with the reply, so a
   client's memory survives whichever actor serves it next.
@@ -23,6 +26,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim.config import ConfigError
@@ -55,6 +59,8 @@ from fedsim.server import run_server
 log = logging.getLogger("fedsim")
 
 ACTOR_DIED = 904
+PIPELINE = 2  # calls queued per actor
+SHARE_BYTES = 100 * 1024  # records this large go through the object store anyway (Ray's inline-argument limit)
 
 
 class ClientActor:
@@ -75,13 +81,27 @@ class ClientActor:
     def ready(self) -> int:
         return os.getpid()
 
-    def run(self, msg: Message, context: Context) -> tuple[Message, RecordDict | None]:
-        """The reply and the client's updated state (``None`` when it raised)."""
+    def run(
+        self, msg: Message, context: Context, order: tuple[str, ...] = (), *shared: ArrayRecord
+    ) -> tuple[Message, RecordDict | None]:
+        """The reply and the client's updated state (``None`` when it raised).
+
+        ``shared`` are the records the driver put in the object store once for all the round's
+        messages (the global model); ``order`` is the content's key order, to restore it.
+        """
+        if shared:
+            shared_keys = [k for k in order if k not in msg.content]
+            records = dict(zip(shared_keys, shared, strict=True))
+            msg.content = RecordDict({k: records[k] if k in records else msg.content[k] for k in order})
         try:
             reply = self.app(msg, context)
         except Exception as exc:  # reported to the server as an error reply
             return error_reply(msg, CLIENT_EXCEPTION, exc), None
         return reply, context.state
+
+
+def record_bytes_of(rec: ArrayRecord) -> int:
+    return sum(len(a.data) for a in rec.values())
 
 
 def _quiet_ray() -> None:
@@ -200,39 +220,106 @@ class RayGrid(Grid):
         return self.pull_messages(ids)
 
     # -- dispatch ---------------------------------------------------------------------------
+    @staticmethod
+    def _share(messages: list[Message]) -> dict[int, Any]:
+        """Put each large ArrayRecord that several messages carry (the global model) in the
+        object store once, instead of serialising (and storing) it with every message. Small
+        ones travel inline with each call, which is faster than fetching a shared object."""
+        count: dict[int, int] = {}
+        records: dict[int, ArrayRecord] = {}
+        for m in messages:
+            if m.has_content():
+                for rec in m.content.array_records.values():
+                    count[id(rec)] = count.get(id(rec), 0) + 1
+                    records[id(rec)] = rec
+        return {i: ray.put(records[i]) for i, n in count.items() if n > 1 and record_bytes_of(records[i]) >= SHARE_BYTES}
+
+    @staticmethod
+    def _strip(msg: Message, shared: dict[int, Any]) -> tuple[Message, tuple[str, ...], list[Any]]:
+        """``msg`` without its shared records, its content's key order, and their refs."""
+        if not shared or not msg.has_content():
+            return msg, (), []
+        content = msg.content
+        keys = [k for k in content.keys() if k in content.array_records and id(content[k]) in shared]
+        if not keys:
+            return msg, (), []
+        light = copy.copy(msg)  # same metadata (ids), lighter content
+        light.content = RecordDict({k: v for k, v in content.items() if k not in keys})
+        return light, tuple(content.keys()), [shared[id(content[k])] for k in keys]
+
+    def _start_actor(self) -> None:
+        actor = self._new_actor()
+        self._starting[actor.ready.remote()] = actor
+
     def _dispatch(self, messages: list[Message], timeout: float | None) -> dict[str, Message]:
-        """One message per free actor; collect replies, enforce timeouts, replace dead actors."""
+        """Run ``messages`` on the pool; see the module docstring for failures and timeouts.
+
+        Each actor has a lane of up to :data:`PIPELINE` calls (Ray runs an actor's calls in
+        order), so it starts the next client while the driver is still handling the last reply.
+        A call's clock starts when the call before it in its lane has finished.
+        """
         queue = deque(messages)
+        shared = self._share(messages)
         starting = self._starting
         for _ in range(self.size - len(self.actors) - len(starting)):  # replace actors lost last time
-            new = self._new_actor()
-            starting[new.ready.remote()] = new
-        idle = list(self.actors)
-        inflight: dict[Any, tuple[Any, Message, float]] = {}  # run() ref -> (actor, msg, start)
+            self._start_actor()
+        lanes: dict[Any, deque] = {a: deque() for a in self.actors}  # actor -> its calls, in order
+        owner: dict[Any, tuple[Any, Message]] = {}  # call ref -> (actor, message)
+        began: dict[Any, float] = {}  # running call ref -> when it started
         out: dict[str, Message] = {}
         round_deadline = None if timeout is None else time.monotonic() + timeout
 
-        def replace(actor) -> None:  # noqa: ANN001
+        def submit(actor) -> None:  # noqa: ANN001
+            msg = queue.popleft()
+            light, order, refs = self._strip(msg, shared)
+            ref = actor.run.remote(light, self.contexts[msg.metadata.dst_node_id], order, *refs)
+            owner[ref] = (actor, msg)
+            lanes[actor].append(ref)
+            if len(lanes[actor]) == 1:
+                began[ref] = time.monotonic()
+
+        def done_with(actor, ref) -> None:  # noqa: ANN001
+            lane = lanes[actor]
+            lane.remove(ref)
+            owner.pop(ref, None)
+            began.pop(ref, None)
+            if lane and lane[0] not in began:
+                began[lane[0]] = time.monotonic()
+
+        def fail(ref, code: int, reason: str) -> None:  # noqa: ANN001
+            msg = owner[ref][1]
+            out[msg.metadata.message_id] = error_reply(msg, code, reason)
+
+        def drop(actor) -> None:  # noqa: ANN001
+            """Kill ``actor`` (its running call has been answered); requeue the calls behind it."""
             ray.kill(actor, no_restart=True)
             self.actors.remove(actor)
+            for ref in reversed(lanes.pop(actor)):
+                began.pop(ref, None)
+                _, msg = owner.pop(ref)
+                if msg.metadata.message_id not in out:
+                    queue.appendleft(msg)
             if queue or not (self.actors or starting):  # needed now; else at the next dispatch
-                new = self._new_actor()
-                starting[new.ready.remote()] = new
+                self._start_actor()
 
-        while queue or inflight:
-            while queue and idle:
-                actor, msg = idle.pop(), queue.popleft()
-                ref = actor.run.remote(msg, self.contexts[msg.metadata.dst_node_id])
-                inflight[ref] = (actor, msg, time.monotonic())
+        while queue or owner:
+            while queue:
+                free = [a for a, lane in lanes.items() if len(lane) < PIPELINE]
+                if not free:
+                    break
+                submit(min(free, key=lambda a: len(lanes[a])))
+            pending = list(owner) + list(starting)
+            if not pending:
+                raise RuntimeError("ray engine: no client actor is left alive")
             now = time.monotonic()
-            deadlines = [t0 + self.client_timeout for _, _, t0 in inflight.values()] if self.client_timeout else []
+            deadlines = [t0 + self.client_timeout for t0 in began.values()] if self.client_timeout else []
             if round_deadline is not None:
                 deadlines.append(round_deadline)
             wait_s = max(0.0, min(deadlines) - now) if deadlines else None
-            done, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=wait_s)
-            if done:  # everything else already finished, without blocking
-                rest = [r for r in list(inflight) + list(starting) if r not in done]
-                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
+            done, rest = ray.wait(pending, num_returns=1, timeout=wait_s)
+            if done and rest:  # collect everything else that has finished, without blocking
+                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            done.sort(key=lambda r: lanes[owner[r][0]].index(r) if r in owner else -1)  # lane order: blame right
             for ref in done:
                 if ref in starting:
                     actor = starting.pop(ref)
@@ -242,39 +329,39 @@ class RayGrid(Grid):
                         log.error("ray engine: a replacement actor failed to start: %s", err)
                         continue
                     self.actors.append(actor)
-                    idle.append(actor)
+                    lanes[actor] = deque()
                     continue
-                actor, msg, _ = inflight.pop(ref)
-                node = msg.metadata.dst_node_id
+                if ref not in owner:  # its actor was dropped earlier in this loop
+                    continue
+                actor, msg = owner[ref]
                 try:
                     reply, state = ray.get(ref)
-                except ray.exceptions.RayActorError as err:
-                    out[msg.metadata.message_id] = error_reply(msg, ACTOR_DIED, f"client actor died: {err}")
-                    replace(actor)
+                except ray.exceptions.RayActorError as err:  # the running call is the one to blame
+                    fail(lanes[actor][0], ACTOR_DIED, f"client actor died: {err}")
+                    drop(actor)
                     continue
                 except ray.exceptions.RayError as err:  # e.g. the reply could not be unpickled
-                    out[msg.metadata.message_id] = error_reply(msg, CLIENT_EXCEPTION, err)
-                    idle.append(actor)
+                    fail(ref, CLIENT_EXCEPTION, f"{type(err).__name__}: {err}")
+                    done_with(actor, ref)
                     continue
                 if state is not None:
-                    self.contexts[node].state = state
+                    self.contexts[msg.metadata.dst_node_id].state = state
                 out[msg.metadata.message_id] = reply
-                idle.append(actor)
+                done_with(actor, ref)
             now = time.monotonic()
-            for ref, (actor, msg, t0) in list(inflight.items()):
-                over_client = self.client_timeout is not None and now - t0 >= self.client_timeout
-                over_round = round_deadline is not None and now >= round_deadline
-                if over_client or over_round:
-                    del inflight[ref]
-                    what = f"engine.client_timeout={self.client_timeout}s" if over_client else f"timeout={timeout}s"
-                    out[msg.metadata.message_id] = error_reply(msg, CLIENT_TIMEOUT, f"client ran past {what}; actor replaced")
-                    replace(actor)
+            if self.client_timeout is not None:
+                for ref, t0 in list(began.items()):
+                    if ref in began and now - t0 >= self.client_timeout:
+                        fail(ref, CLIENT_TIMEOUT, f"client ran past engine.client_timeout={self.client_timeout}s; actor replaced")
+                        drop(owner[ref][0])
             if round_deadline is not None and now >= round_deadline:
+                for ref in list(began):
+                    if ref in began:
+                        fail(ref, CLIENT_TIMEOUT, f"client ran past timeout={timeout}s; actor replaced")
+                        drop(owner[ref][0])
                 for msg in queue:
                     out[msg.metadata.message_id] = error_reply(msg, CLIENT_TIMEOUT, f"not started within timeout={timeout}s")
                 queue.clear()
-            if queue and not idle and not inflight and not starting:
-                raise RuntimeError("ray engine: no client actor is left alive")
         return out  # replacements still starting join the pool in a later round
 
     def close(self) -> None:
