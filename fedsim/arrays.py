@@ -36,16 +36,19 @@ def _FLOWER_NUMPY(arr: Array) -> np.ndarray:  # noqa: N802
 def _FLOWER_FROM_NUMPY(nd: np.ndarray) -> Array:  # noqa: N802
     return _FROM_NUMPY_DESC.__func__(Array, nd)
 
-_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
-_DTYPES: dict[str, np.dtype | None] = {}
 
 
-def _dtype(name: str) -> np.dtype | None:
+_HEADERS: dict[tuple[str, tuple[int, ...]], tuple[bytes, str]] = {}  # (dtype, shape) -> (.npy header, dtype name)
+_DTYPES: dict[str, tuple[np.dtype, bytes] | None] = {}  # Array.dtype -> (dtype, its header 'descr' entry)
+
+
+def _dtype(name: str) -> tuple[np.dtype, bytes] | None:
     """The NumPy dtype an ``Array.dtype`` string names; ``None`` for anything but a plain one."""
     if name not in _DTYPES:
         try:
             dt = np.dtype(name)
-            _DTYPES[name] = None if dt.fields is not None or dt.hasobject else dt
+            plain = dt.fields is None and not dt.hasobject
+            _DTYPES[name] = (dt, f"'descr': '{dt.str}'".encode()) if plain else None
         except TypeError:
             _DTYPES[name] = None
     return _DTYPES[name]
@@ -58,17 +61,14 @@ def to_numpy(arr: Array, copy: bool = True) -> np.ndarray:
     order, the same dtype and byte order, as many bytes as the shape needs); otherwise this is
     Flower's own ``np.load``.
     """
-    data, dtype = arr.data, _dtype(arr.dtype)
-    if dtype is not None and arr.stype == "numpy.ndarray" and data[:6] == _MAGIC:
+    data, known = arr.data, _dtype(arr.dtype)
+    if known is not None and arr.stype == "numpy.ndarray" and data[:6] == _MAGIC:
+        dtype, descr = known
         start = 12 if data[6] >= 2 else 10  # .npy format 2.0+ has a 4-byte header length
         end = start + int.from_bytes(data[8:start], "little")
         header = data[start:end]
         count = math.prod(arr.shape)
-        if (
-            b"'fortran_order': False" in header
-            and f"'descr': '{dtype.str}'".encode() in header
-            and len(data) - end == count * dtype.itemsize
-        ):
+        if b"'fortran_order': False" in header and descr in header and len(data) - end == count * dtype.itemsize:
             out = np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(arr.shape)
             return out.copy() if copy else out
     return _FLOWER_NUMPY(arr)
@@ -79,15 +79,14 @@ def from_numpy(nd: np.ndarray) -> Array:
     if not isinstance(nd, np.ndarray) or not nd.flags.c_contiguous or nd.dtype.hasobject or nd.dtype.fields is not None:
         return _FLOWER_FROM_NUMPY(nd)
     key = (nd.dtype.str, nd.shape)
-    header = _HEADERS.get(key)
-    if header is None:
+    cached = _HEADERS.get(key)
+    if cached is None:
         buf = BytesIO()
         np.save(buf, nd, allow_pickle=False)
         full = buf.getvalue()
-        header = _HEADERS[key] = full[: len(full) - nd.nbytes]
+        cached = _HEADERS[key] = (full[: len(full) - nd.nbytes], str(nd.dtype))
     arr = Array.__new__(Array)  # what Array(dtype=, shape=, stype=, data=) sets, without re-validating
-    arr.__dict__.update(dtype=str(nd.dtype), shape=tuple(int(d) for d in nd.shape), stype="numpy.ndarray",
-                        data=header + nd.tobytes())
+    arr.__dict__.update(dtype=cached[1], shape=nd.shape, stype="numpy.ndarray", data=cached[0] + nd.tobytes())
     return arr
 
 

@@ -94,10 +94,11 @@ def seed_torch(seed: int) -> None:
 
 
 def _load_global(model: nn.Module, arrays: ArrayRecord, device: torch.device) -> dict[str, torch.Tensor]:
-    sd = record_to_torch(arrays)
+    sd = record_to_torch(arrays)  # fresh tensors (copies of the message's bytes)
     model.load_state_dict(sd, strict=True)
-    # clone: detach() alone would alias the live parameters, which training then overwrites
-    return {k: v.detach().clone().to(device) for k, v in model.state_dict().items()}
+    # the received tensors, not model.state_dict(): that would alias the live parameters, which
+    # training then overwrites; cast like load_state_dict did, so the values are the loaded ones
+    return {k: sd[k].to(device=v.device, dtype=v.dtype) for k, v in model.state_dict().items()}
 
 
 def client_train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
