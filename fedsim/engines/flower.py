@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -77,6 +78,15 @@ def backend_config(engine: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class _DropDeprecation(logging.Filter):
+    """Flower warns that ``run_simulation`` is deprecated in favour of ``flwr run``; fedsim
+    offers both (``docs/engines.md``), so the warning is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("run_simulation" in msg and "deprecated" in msg) and "This is a deprecated feature" not in msg
+
+
 @contextlib.contextmanager
 def _keep_ray_running(keep: bool) -> Iterator[None]:
     """Stop Flower's Ray backend from shutting down a Ray it did not start (it kills only its actors)."""
@@ -100,6 +110,7 @@ def _keep_ray_running(keep: bool) -> Iterator[None]:
 
 def run(cfg: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:
     """Run ``cfg`` on Flower's Simulation Runtime; return the summary."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state database, set up on import
     import ray
     from flwr.simulation import run_simulation
 
@@ -115,9 +126,13 @@ def run(cfg: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:
         out["summary"] = run_server(grid, cfg, run_dir, engine="flower")
 
     client_app = timed(make_client_app(cfg), cfg["engine"].get("client_timeout"), cfg)
+    quiet_flower()  # before importing FLOWER_LOGGER (its first import resets its level)
+    from flwr.supercore.logger import FLOWER_LOGGER
+
+    drop = _DropDeprecation()
+    FLOWER_LOGGER.addFilter(drop)
     owned = start_ray(cfg["engine"])
     try:
-        quiet_flower()
         with _keep_ray_running(not owned):
             run_simulation(
                 server_app=server_app,
@@ -127,6 +142,7 @@ def run(cfg: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:
                 backend_config=backend_config(cfg["engine"]),
             )
     finally:
+        FLOWER_LOGGER.removeFilter(drop)
         if owned and ray.is_initialized():
             ray.shutdown()
     if "summary" not in out:
