@@ -181,7 +181,7 @@ class FedsimGrid(Grid):
                     st.failed += 1
                     st.nonfinite += int(r.error.code == NONFINITE_CODE)
                     st.failures.append({"partition": pid, "reason": str(r.error.reason)[:500]})
-                    log.warning("round %d: client (partition %d) failed: %s", self.server_round, pid, str(r.error.reason).strip().splitlines()[-1:] or r.error.reason)
+                    log.warning("round %d: client (partition %d) failed: %s", self.server_round, pid, _last_line(r.error.reason))
                     continue
                 st.replied += 1
                 st.bytes_up += record_bytes(r.content)
@@ -195,6 +195,12 @@ class FedsimGrid(Grid):
             for hook in self.hooks:
                 out = hook.on_train_replies(self, self.server_round, out)
         return out
+
+
+def _last_line(reason: str | None) -> str:
+    """The last line of an error reason (the exception), for one-line log messages."""
+    lines = str(reason or "").strip().splitlines()
+    return lines[-1] if lines else "unknown error"
 
 
 def _find(messages: list[Message], reply: Message) -> Message:

@@ -24,6 +24,7 @@ final confusion table in ``summary.json``. Strategies get neither object.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -105,9 +106,24 @@ def _check_attack_type(node: Any, key: str, kind: str) -> None:
         raise ConfigError(f"{key}: a colluding ReplyTransform needs kind: malicious")
 
 
+_ASSIGNED: dict[str, dict[int, str]] = {}
+
+
 def assign(threat_cfg: Any, num_clients: int, seed: int) -> dict[int, str]:
-    """``{partition_id: group name}`` for every attacking/unreliable partition."""
+    """``{partition_id: group name}`` for every attacking/unreliable partition.
+
+    Memoised per (config, N, seed): every client call of every round asks, and the answer
+    never changes within a run.
+    """
     groups = _groups(threat_cfg)
+    plain = OmegaConf.to_container(threat_cfg, resolve=True) if OmegaConf.is_config(threat_cfg) else threat_cfg
+    key = json.dumps([plain, num_clients, seed], sort_keys=True, default=str)
+    if key not in _ASSIGNED:
+        _ASSIGNED[key] = _assign(groups, num_clients, seed)
+    return _ASSIGNED[key]
+
+
+def _assign(groups: list[Any], num_clients: int, seed: int) -> dict[int, str]:
     taken: dict[int, str] = {}
     for g in groups:
         if g.get("ids") is not None:

@@ -8,6 +8,13 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# One BLAS/torch thread: tiny models on a few shared cores run many times faster this way,
+# and worker engines inherit the driver's count, so parity holds (see fedsim.engines.base).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from fedsim.compose import compose_config  # noqa: E402
 from fedsim.experiment import run_experiment  # noqa: E402

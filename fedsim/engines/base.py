@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import traceback
 import uuid
+from abc import abstractmethod
+from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
 
 CLIENT_EXCEPTION = 902
 CLIENT_TIMEOUT = 903
@@ -73,6 +76,52 @@ def warm_up(cfg: dict) -> None:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+class LocalGrid(Grid):
+    """Grid plumbing shared by the in-process engines (inline, Ray).
+
+    One Context per partition lives here, on the driver, so a client's ``context.state``
+    survives whichever worker serves it next. Subclasses implement :meth:`dispatch`.
+    """
+
+    def __init__(self, num_clients: int) -> None:
+        self.contexts = {node_id_of(p): make_context(p, num_clients) for p in range(num_clients)}
+        self._replies: dict[str, Message] = {}
+        self._run = None
+
+    @abstractmethod
+    def dispatch(self, messages: list[Message], timeout: float | None) -> dict[str, Message]:
+        """Deliver stamped messages; return ``{message_id: reply}`` (errors as error replies)."""
+
+    def set_run(self, run):  # noqa: ANN001, D102
+        self._run = run
+
+    @property
+    def run(self):  # noqa: D102
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver every message now (blocking); replies wait for ``pull_messages``."""
+        messages = list(messages)
+        ids = [stamp(m) for m in messages]
+        self._replies.update(self.dispatch(messages, None))
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:  # noqa: D102
+        messages = list(messages)
+        ids = [stamp(m) for m in messages]
+        self._replies.update(self.dispatch(messages, timeout))
+        return self.pull_messages(ids)
 
 
 def stamp(msg: Message) -> str:

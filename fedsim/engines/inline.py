@@ -8,75 +8,57 @@ is replaced by a timeout error, which keeps the round's outcome identical to the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
 
 from fedsim.client import make_client_app
 from fedsim.engines.base import (
     CLIENT_EXCEPTION,
     CLIENT_TIMEOUT,
+    LocalGrid,
     error_reply,
-    make_context,
-    node_id_of,
     set_server_identity,
-    stamp,
     warm_up,
 )
 from fedsim.server import run_server
 
 
-class InlineGrid(Grid):
+class InlineGrid(LocalGrid):
     """Hands each Message to the ClientApp with that node's Context, in this process."""
 
     def __init__(self, app: ClientApp, num_clients: int, client_timeout: float | None = None) -> None:
+        super().__init__(num_clients)
         self.app = app
         self.client_timeout = client_timeout
-        self.contexts = {node_id_of(p): make_context(p, num_clients) for p in range(num_clients)}
-        self._replies: dict[str, Message] = {}
-        self._run = None
-
-    def set_run(self, run):  # noqa: ANN001, D102
-        self._run = run
-
-    @property
-    def run(self):  # noqa: D102
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return list(self.contexts)
 
     def deliver(self, msg: Message) -> Message:
-        """Run the ClientApp for one message; errors and overruns become error replies."""
+        """Run the ClientApp for one message; errors and overruns become error replies.
+
+        A failed call leaves the client's ``context.state`` as it was (as on the Ray engine,
+        whose state comes back only with a successful reply): records the call replaced are
+        put back. (A record mutated in place cannot be restored; fedsim's algorithms replace.)
+        """
+        ctx = self.contexts[msg.metadata.dst_node_id]
+        before = dict(ctx.state.items())
         t0 = time.perf_counter()
         try:
-            reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+            reply = self.app(msg, ctx)
+            if self.client_timeout is not None and time.perf_counter() - t0 > self.client_timeout:
+                reply = error_reply(msg, CLIENT_TIMEOUT, f"client ran past engine.client_timeout={self.client_timeout}s")
         except Exception as exc:  # a crashing client is reported, never fatal
-            return error_reply(msg, CLIENT_EXCEPTION, exc)
-        if self.client_timeout is not None and time.perf_counter() - t0 > self.client_timeout:
-            return error_reply(msg, CLIENT_TIMEOUT, f"client ran past engine.client_timeout={self.client_timeout}s")
+            reply = error_reply(msg, CLIENT_EXCEPTION, exc)
+        if reply.has_error():
+            for key in [k for k in ctx.state if k not in before]:
+                del ctx.state[key]
+            for key, rec in before.items():
+                ctx.state[key] = rec
         return reply
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        ids = []
-        for msg in messages:
-            mid = stamp(msg)
-            self._replies[mid] = self.deliver(msg)
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:  # noqa: D102
-        return self.pull_messages(self.push_messages(messages))
+    def dispatch(self, messages: list[Message], timeout: float | None) -> dict[str, Message]:  # noqa: D102
+        return {m.metadata.message_id: self.deliver(m) for m in messages}
 
 
 def run(cfg: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:

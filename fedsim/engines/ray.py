@@ -34,24 +34,20 @@ import sys
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import ray
 from flwr.app import ArrayRecord, Context, Message, RecordDict
-from flwr.serverapp import Grid
 
 from fedsim.config import ConfigError
 from fedsim.engines.base import (
     CLIENT_EXCEPTION,
     CLIENT_TIMEOUT,
+    LocalGrid,
     client_threads,
     error_reply,
-    make_context,
-    node_id_of,
     set_server_identity,
-    stamp,
     warm_up,
 )
 from fedsim.server import run_server
@@ -158,7 +154,7 @@ def pool_size(resources: dict[str, float], num_actors: int | None, num_clients: 
     return min(total, num_clients)
 
 
-class RayGrid(Grid):
+class RayGrid(LocalGrid):
     """Delivers each Message to a free actor with that node's Context; see the module docstring."""
 
     def __init__(self, cfg: dict[str, Any], num_clients: int, data: Any = None) -> None:
@@ -171,9 +167,7 @@ class RayGrid(Grid):
         self.num_gpus = float(res.get("num_gpus", 0.0))
         self.threads = client_threads(cfg)
         self.actor_cls = ray.remote(ClientActor).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
-        self.contexts = {node_id_of(p): make_context(p, num_clients) for p in range(num_clients)}
-        self._replies: dict[str, Message] = {}
-        self._run = None
+        super().__init__(num_clients)
         self.size = size = pool_size(res, eng.get("num_actors"), num_clients)
         actors = [self._new_actor() for _ in range(size)]
         try:
@@ -188,36 +182,6 @@ class RayGrid(Grid):
 
     def _new_actor(self):  # noqa: ANN202
         return self.actor_cls.remote(self.cfg, self.threads, self.data_ref)
-
-    # -- Grid plumbing --------------------------------------------------------------------
-    def set_run(self, run):  # noqa: ANN001, D102
-        self._run = run
-
-    @property
-    def run(self):  # noqa: D102
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Run every message through the pool (blocking); replies wait for ``pull_messages``."""
-        messages = list(messages)
-        ids = [stamp(m) for m in messages]
-        self._replies.update(self._dispatch(messages, None))
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:  # noqa: D102
-        messages = list(messages)
-        ids = [stamp(m) for m in messages]
-        self._replies.update(self._dispatch(messages, timeout))
-        return self.pull_messages(ids)
 
     # -- dispatch ---------------------------------------------------------------------------
     @staticmethod
@@ -251,7 +215,7 @@ class RayGrid(Grid):
         actor = self._new_actor()
         self._starting[actor.ready.remote()] = actor
 
-    def _dispatch(self, messages: list[Message], timeout: float | None) -> dict[str, Message]:
+    def dispatch(self, messages: list[Message], timeout: float | None) -> dict[str, Message]:
         """Run ``messages`` on the pool; see the module docstring for failures and timeouts.
 
         Each actor has a lane of up to :data:`PIPELINE` calls (Ray runs an actor's calls in
