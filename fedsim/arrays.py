@@ -8,7 +8,8 @@ cached ``np.save`` of the same dtype and shape) and the data is one memory copy.
 unusual (Fortran order, another byte order, structured dtypes, another serialization type)
 goes through Flower's own conversion.
 
-:func:`install` (run when this module is imported, i.e. by any fedsim engine) makes them
+:func:`install` (run when this module is imported, i.e. by any fedsim engine, unless the
+environment sets ``FEDSIM_FAST_ARRAYS=0``) makes them
 ``Array.numpy`` and ``Array.from_numpy_ndarray``, so Flower's own code (FedAvg's aggregation,
 ``ArrayRecord(state_dict)``) takes the fast path too. Results are identical: the same arrays,
 the same bytes, the same object ids (``tests/test_arrays.py``).
@@ -17,6 +18,7 @@ the same bytes, the same object ids (``tests/test_arrays.py``).
 from __future__ import annotations
 
 import math
+import os
 from io import BytesIO
 
 import numpy as np
@@ -115,6 +117,7 @@ def uninstall() -> None:
     Array.from_numpy_ndarray = _FROM_NUMPY_DESC  # type: ignore[method-assign]
 
 
-install()
+if os.environ.get("FEDSIM_FAST_ARRAYS", "1") != "0":  # FEDSIM_FAST_ARRAYS=0 leaves Flower's class alone
+    install()
 
 __all__ = ["to_numpy", "from_numpy", "record_from_torch", "record_to_torch", "install", "uninstall"]
