@@ -39,6 +39,7 @@ with equal client weights: x + eta_g * mean_N Delta_n.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -186,8 +187,9 @@ class _GlobalStep(UpdateStrategy):
         """Partition ids of the clients whose valid update arrived this round (rows of ``ru``)."""
         return np.asarray([self.node_to_pid[n] for n in ru.node_ids], dtype=np.int64)
 
+    @abstractmethod
     def direction(self, server_round: int, idx: np.ndarray, updates: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The step direction from this round's participants (partition ids ``idx``)."""
 
     def aggregate_updates(self, server_round: int, ru: RoundUpdates) -> np.ndarray | None:
         if self.global_vec is None:
