@@ -110,3 +110,19 @@ def test_unknown_local_algorithm_is_named():
     with pytest.raises(KeyError, match="nope"):
         get_local_algorithm(ConfigRecord({"local-algorithm": "nope"}))
     assert "sgd" in LOCAL_ALGORITHMS and "fedprox" in LOCAL_ALGORITHMS
+
+
+def test_received_global_params_do_not_alias_the_trained_weights():
+    """Regression (4668757): the global params a local algorithm sees must stay the received
+    values while training changes the model, or FedProx's term and update attacks see 0."""
+    from flwr.app import ArrayRecord
+
+    from fedsim.client import _load_global
+
+    model = torch.nn.Linear(3, 2)
+    sent = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    got = _load_global(model, ArrayRecord(torch_state_dict=sent), torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # what a training step does in place
+    assert all(torch.equal(got[k], sent[k]) for k in sent)
