@@ -191,7 +191,6 @@ class FedsimGrid(Grid):
                     weights.append(float(m.get("num-examples", 1)))
             if losses:
                 st.train_loss = float(np.average(losses, weights=weights))
-        if is_train:
             for hook in self.hooks:
                 out = hook.on_train_replies(self, self.server_round, out)
         return out
