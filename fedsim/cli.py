@@ -31,8 +31,20 @@ def _main(cfg: DictConfig) -> float | None:
     return summary["final_accuracy"]
 
 
+def cwd_importable() -> None:
+    """Put the working directory first on ``sys.path``, as ``python -m`` does, so that
+    ``strategy._target_=mylab.fedfoo.FedFoo`` imports ``./mylab`` (a console script only puts its
+    own folder there). Worker processes inherit it: local Ray gets the driver's ``sys.path`` as
+    ``PYTHONPATH`` (fedsim.engines.ray.start_ray). Hydra does not change the working directory
+    (``hydra.job.chdir`` is false by default)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main() -> None:
     """``fedsim [overrides]``: see README.md."""
+    cwd_importable()
     _main()
 
 

@@ -46,6 +46,7 @@ class DatasetConfig:
     classes: int = 10  # synthetic: number of classes
     iid: bool = False  # synthetic: the IID variant (one shared model and feature distribution)
     max_samples: int | None = None  # cap on the train set size (quick experiments)
+    nonfinite: str = "error"  # NaN/Inf in x: error (refuse the data) | drop (drop those samples, logged)
 
 
 @dataclass
@@ -177,19 +178,34 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def _check_target(node: Any, key: str, skip: tuple[str, ...] = ()) -> None:
-    """Check that ``node._target_`` imports and accepts the given keyword arguments."""
-    from hydra.utils import get_class, get_method
+def locate(target: str) -> Any:
+    """The object ``target`` names (a class or a callable), imported without Hydra's own error
+    log (``hydra.utils`` logs every failed lookup before raising, so a missing module would be
+    reported two or three times besides fedsim's one line)."""
+    import logging
 
+    from hydra._internal.utils import _locate
+
+    hydra_log = logging.getLogger("hydra.utils")
+    disabled, hydra_log.disabled = hydra_log.disabled, True
+    try:
+        return _locate(target)
+    finally:
+        hydra_log.disabled = disabled
+
+
+def _check_target(node: Any, key: str, skip: tuple[str, ...] = (), base: type | None = None) -> None:
+    """Check that ``node._target_`` imports, is a subclass of ``base`` when it is a class, and
+    accepts the given keyword arguments."""
     _check(isinstance(node, (dict, DictConfig)) and "_target_" in node, key, "needs a _target_")
     target = node["_target_"]
     try:
-        obj = get_class(target)
-    except Exception:
-        try:
-            obj = get_method(target)
-        except Exception as err:
-            raise ConfigError(f"{key}._target_: cannot import '{target}' ({err})") from None
+        obj = locate(target)
+    except Exception as err:
+        raise ConfigError(f"{key}._target_: cannot import '{target}' ({_import_reason(err)})") from None
+    _check(callable(obj), f"{key}._target_", f"'{target}' is not a class or a function")
+    if base is not None and inspect.isclass(obj):
+        _check(issubclass(obj, base), f"{key}._target_", f"{target} is not a {base.__module__}.{base.__qualname__}")
     fn = obj.__init__ if inspect.isclass(obj) else obj
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -198,6 +214,37 @@ def _check_target(node: Any, key: str, skip: tuple[str, ...] = ()) -> None:
         if name.startswith("_") or name in skip:
             continue
         _check(name in params, f"{key}.{name}", f"not an argument of {target}")
+
+
+def _import_reason(err: BaseException) -> str:
+    """The root cause of a failed ``_target_`` import, once (Hydra nests and repeats it)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith("Are you sure")]
+    text = lines[-1] if lines else type(err).__name__
+    return text
+
+
+def _check_device(device: str) -> None:
+    """``device`` must name something this machine has (``auto`` always does)."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device: '{device}' but PyTorch sees no CUDA device (torch {torch.__version__}, "
+                f"CUDA build: {torch.version.cuda or 'no'}); use device=auto or device=cpu"
+            )
+        idx = device.partition(":")[2]
+        if idx and (not idx.isdigit() or int(idx) >= torch.cuda.device_count()):
+            raise ConfigError(f"device: '{device}' but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    try:
+        torch.device(device)  # other backends (mps, xpu, ...) are checked by torch when used
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: '{device}' is not auto, cpu, cuda, cuda:N or another torch device") from None
 
 
 def validate(cfg: DictConfig) -> None:
@@ -226,6 +273,8 @@ def validate(cfg: DictConfig) -> None:
         _check(d.dim >= 1 and d.classes >= 2, "dataset.dim", "dim >= 1 and classes >= 2")
     if d.max_samples is not None:
         _check(d.max_samples >= 1, "dataset.max_samples", "must be >= 1")
+    _check(d.nonfinite in ("error", "drop"), "dataset.nonfinite", f"'{d.nonfinite}' is not one of error, drop")
+    _check_device(str(cfg.device))
     p = cfg.partition
     _check(p.name in PARTITIONS, "partition.name", f"'{p.name}' is not one of {PARTITIONS}")
     _check(p.alpha > 0, "partition.alpha", f"must be > 0 (got {p.alpha})")
@@ -255,8 +304,14 @@ def validate(cfg: DictConfig) -> None:
     from fedsim import threat
 
     threat.validate(cfg.threat, cfg.num_clients)
-    _check_target(cfg.model, "model")
-    _check_target(cfg.strategy, "strategy")
+    from flwr.serverapp.strategy import Strategy
+    from torch import nn
+
+    _check_target(cfg.model, "model", base=nn.Module)
+    _check_target(cfg.strategy, "strategy", base=Strategy)
+    from fedsim.setup_checks import check_setup  # builds the strategy: Flower's and its own constraints
+
+    check_setup(cfg)
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -43,6 +43,15 @@ def prepare(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return to_container(cfg)
 
 
+def load_checked_data(plain: dict[str, Any]) -> None:
+    """Load, check and partition the data in this process before any engine starts (no Ray, no
+    training yet), so a bad file or an impossible partitioning is one DataError line. The result
+    is cached: the engines' own ``load_federated`` calls in this process reuse it."""
+    from fedsim.data import load_federated
+
+    load_federated(OmegaConf.create(plain["dataset"]), OmegaConf.create(plain["partition"]), plain["num_clients"], plain["seed"])
+
+
 def run_experiment(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
     """Validate ``cfg``, run it on its engine, return the summary (files go to ``run_dir``)."""
     from fedsim.engines import run_engine
@@ -57,6 +66,7 @@ def run_experiment(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None
         plain["rounds"],
         plain["engine"]["name"],
     )
+    load_checked_data(plain)
     summary = run_engine(plain, run_dir)
     log.info(
         "done: final accuracy %s (best %s at round %s) in %.1fs%s",

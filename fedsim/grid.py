@@ -16,13 +16,18 @@ lack:
   averaged); a missing reply counts as failed;
 * **accounting**: bytes down/up, sampled/replied/failed per round;
 * **reply hooks**: server-side transforms and observers (colluding attacks, gradient
-  inversion) see the train replies before the strategy does.
+  inversion) see the train replies before the strategy does;
+* **no endless wait for nodes**: a round's active nodes are fixed, so a strategy that keeps
+  polling ``get_node_ids()`` for more (Flower's ``sample_nodes`` loop, when ``min_*_nodes``
+  exceeds what participation made active) would wait forever; after ``min(timeout,
+  NODE_WAIT_S)`` seconds of polling without sending anything it gets a :class:`NodeWaitError`.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,12 +37,18 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim.arrays import to_numpy
+from fedsim.config import ConfigError
 from fedsim.participation import Participation
 from fedsim.seeding import derive_seed
 
 log = logging.getLogger("fedsim")
 
 NONFINITE_CODE = 900  # error code of a reply dropped for NaN/Inf arrays
+NODE_WAIT_S = 3.0  # polling get_node_ids() this long without sending = waiting for nodes that cannot come
+
+
+class NodeWaitError(ConfigError):
+    """The strategy waits for more nodes than participation made active this round."""
 
 
 class ReplyHook(Protocol):
@@ -98,6 +109,8 @@ class FedsimGrid(Grid):
         self._active: list[int] = []
         self.stats: dict[int, RoundStats] = {}
         self.sent_train: dict[int, Message] = {}  # this round's train messages by node (for reply hooks)
+        self.node_wait = NODE_WAIT_S if timeout is None else min(float(timeout), NODE_WAIT_S)
+        self._polls: list[float] = []  # times of get_node_ids() calls since the last send
 
     # -- delegation -------------------------------------------------------------------
     def set_run(self, run):  # noqa: ANN001, D102
@@ -111,6 +124,7 @@ class FedsimGrid(Grid):
         return self.base.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        self._polls.clear()
         return self.base.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
@@ -137,9 +151,25 @@ class FedsimGrid(Grid):
         active = self.participation.active(server_round)
         self._active = [p for p in active if p in self.pid_to_node]
         self.stats[server_round] = RoundStats(participants=list(self._active))
+        self._polls.clear()
 
     def get_node_ids(self) -> Iterable[int]:
-        """The nodes active this round, in partition order."""
+        """The nodes active this round, in partition order.
+
+        Raises :class:`NodeWaitError` when the strategy has polled for ``node_wait`` seconds
+        (at least three calls) without sending anything: it is waiting for nodes, and the
+        round's active set cannot grow.
+        """
+        now = time.monotonic()
+        self._polls.append(now)
+        if len(self._polls) >= 3 and now - self._polls[0] >= self.node_wait:
+            self._polls.clear()
+            raise NodeWaitError(
+                f"strategy: round {self.server_round}: the strategy kept waiting for more nodes than the "
+                f"{len(self._active)} that participation made active (a round's active clients are fixed, "
+                "so the wait could never end); lower strategy.min_train_nodes / strategy.min_available_nodes, "
+                "keep strategy.fraction_train <= 1, or raise participation.fraction / participation.min_clients"
+            )
         return [self.pid_to_node[p] for p in self._active]
 
     def all_node_ids(self) -> list[int]:
@@ -152,6 +182,7 @@ class FedsimGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Deliver, then check, order, account and hook the replies."""
         messages = list(messages)
+        self._polls.clear()
         if not messages:
             return []
         is_train = messages[0].metadata.message_type.startswith(MessageType.TRAIN)

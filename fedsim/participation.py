@@ -49,6 +49,12 @@ class Participation(ABC):
         """Per-client participation probabilities p_n (index = partition id), where the model has them."""
         return None
 
+    @classmethod
+    def round_sizes(cls, cfg: Any, num_clients: int) -> tuple[int, int]:
+        """(fewest, most) clients this model can make active in one round, from the config alone
+        (used to check strategies' minimums before start). Random models: (0, num_clients)."""
+        return 0, num_clients
+
     def summary(self, participants: Mapping[int, Iterable[int]]) -> dict[str, Any]:
         """Probabilities and realised participation, from ``{round: partition ids that were active}``.
 
@@ -94,14 +100,28 @@ class Full(Participation):
     def probabilities(self) -> np.ndarray:
         return np.ones(self.n)
 
+    @classmethod
+    def round_sizes(cls, cfg: Any, num_clients: int) -> tuple[int, int]:
+        return num_clients, num_clients
+
 
 @register_participation("sampled")
 class Sampled(Participation):
     """A uniformly sampled fraction of clients per round (at least ``min_clients``),
     drawn from a generator keyed by (seed, round): Flower's usual sampling, but seeded."""
 
+    @staticmethod
+    def count(cfg: Any, num_clients: int) -> int:
+        """Clients per round: ``min(max(int(fraction * N), min_clients), N)``."""
+        return min(max(int(cfg.fraction * num_clients), int(cfg.min_clients)), num_clients)
+
     def _k(self) -> int:
-        return min(max(int(self.cfg.fraction * self.n), int(self.cfg.min_clients)), self.n)
+        return self.count(self.cfg, self.n)
+
+    @classmethod
+    def round_sizes(cls, cfg: Any, num_clients: int) -> tuple[int, int]:
+        k = cls.count(cfg, num_clients)
+        return k, k
 
     def active(self, server_round: int) -> list[int]:
         k = self._k()

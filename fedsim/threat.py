@@ -91,14 +91,13 @@ def validate(threat_cfg: Any, num_clients: int) -> None:
 
 
 def _check_attack_type(node: Any, key: str, kind: str) -> None:
-    from hydra.utils import get_class
+    import inspect
 
     from attacks.base import ClientAttack, ReplyTransform
-    from fedsim.config import ConfigError
+    from fedsim.config import ConfigError, locate
 
-    try:
-        cls = get_class(node["_target_"])
-    except Exception:  # a factory function: checked when instantiated
+    cls = locate(node["_target_"])
+    if not inspect.isclass(cls):  # a factory function: checked when instantiated
         return
     if not issubclass(cls, (ClientAttack, ReplyTransform)):
         raise ConfigError(f"{key}._target_: {cls.__name__} is neither a ClientAttack nor a ReplyTransform")

@@ -59,7 +59,7 @@ def test_npz_with_and_without_split(tmp_path: Path):
     b = load_source(dcfg(name="npz", path=str(tmp_path / "b.npz")), 2, seed=0)
     assert len(b.y_train) == 40 and len(b.y_test) == 10
     np.savez(tmp_path / "bad.npz", z=x)
-    with pytest.raises(ValueError, match="lacks arrays"):
+    with pytest.raises(ValueError, match="has no array .x. or .y."):
         load_source(dcfg(name="npz", path=str(tmp_path / "bad.npz")), 2, seed=0)
 
 

@@ -164,8 +164,10 @@ class NaNCollusion(ReplyTransform):
 def test_nonfinite_updates_are_never_averaged_in(run, strategy):
     collude = strategy in ("geomed", "fedavg")  # the hook path (server side) for two of them
     attack = [f"threat.groups.0.attack._target_={__name__}.NaNCollusion", "~threat.groups.0.attack.value"] if collude else []
+    # 4 clients: Multi-Krum's preset (f=2, m=8) needs n > 2f+2 = 6, which validation now refuses
+    krum = ["strategy.num_malicious_nodes=0", "strategy.num_nodes_to_select=2"] if strategy == "multikrum" else []
     summary, rows, run_dir = run("threat=nonfinite", "threat.groups.0.fraction=0.5", *attack, f"strategy={strategy}",
-                                 "participation=full", *ONE_THREAD)
+                                 "participation=full", *krum, *ONE_THREAD)
     assert all(r["nonfinite"] == 2 and r["replied"] == 2 and r["failed"] == 2 for r in rows)
     assert all(math.isfinite(r["test_loss"]) for r in rows)
     state = torch.load(run_dir / "model.pt")

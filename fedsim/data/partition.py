@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.data.checks import DataError
 from fedsim.seeding import derive_seed, np_rng
 
 
@@ -81,21 +82,54 @@ def label_dirichlet_indices(
         out = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
         if min(len(p) for p in out) >= min_size:
             return out
-    raise ValueError(
+    raise DataError(
         f"partition.min_partition_size: label_dirichlet could not give every client {min_size} samples "
-        f"in {attempts} draws (alpha={alpha}, {num_clients} clients); raise alpha or lower the size"
+        f"in {attempts} draws (alpha={alpha}, {num_clients} clients, {len(labels)} samples); "
+        "raise partition.alpha or lower partition.min_partition_size or num_clients"
     )
 
 
-def partition_indices(labels: np.ndarray, cfg: Any, num_clients: int, seed: int) -> list[np.ndarray]:
-    """Split ``range(len(labels))`` into ``num_clients`` index arrays as ``cfg`` says."""
-    labels = np.asarray(labels)
-    if num_clients > len(labels):
-        raise ValueError(
-            f"num_clients: {num_clients} clients but only {len(labels)} training samples"
+def check_feasible(labels: np.ndarray, cfg: Any, num_clients: int) -> None:
+    """Refuse a partitioning that cannot be made from these labels, naming the key to change."""
+    n = len(labels)
+    if num_clients > n:
+        raise DataError(f"num_clients: {num_clients} clients but only {n} training samples")
+    if cfg.name in ("dirichlet", "label_dirichlet") and num_clients * int(cfg.min_partition_size) > n:
+        raise DataError(
+            f"partition.min_partition_size: {num_clients} clients x {cfg.min_partition_size} samples "
+            f"> {n} training samples; lower partition.min_partition_size or num_clients"
         )
+    if cfg.name == "shard":
+        shards = num_clients * int(cfg.shards_per_client)
+        size = cfg.shard_size
+        if size is not None and int(size) < 1:
+            raise DataError(f"partition.shard_size: must be >= 1 or null (got {size})")
+        if shards * int(size or 1) > n:
+            what = f"{shards} shards of {size} samples" if size else f"{shards} shards"
+            raise DataError(
+                f"partition.shards_per_client: {num_clients} clients x {cfg.shards_per_client} shards "
+                f"need {what} but there are only {n} training samples; lower partition.shards_per_client"
+                + (", partition.shard_size" if size else "") + " or num_clients"
+            )
+    if cfg.name == "pathological":
+        classes = len(np.unique(labels))
+        if int(cfg.classes_per_client) > classes:
+            raise DataError(
+                f"partition.classes_per_client: {cfg.classes_per_client} but the data has only {classes} classes"
+            )
+
+
+def partition_indices(labels: np.ndarray, cfg: Any, num_clients: int, seed: int) -> list[np.ndarray]:
+    """Split ``range(len(labels))`` into ``num_clients`` index arrays as ``cfg`` says.
+
+    An impossible request is a :class:`~fedsim.data.checks.DataError` naming the key to change.
+    """
+    labels = np.asarray(labels)
+    check_feasible(labels, cfg, num_clients)
     if cfg.name == "label_dirichlet":
         return label_dirichlet_indices(labels, num_clients, float(cfg.alpha), seed, max(1, int(cfg.min_partition_size)))
+    import warnings
+
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
@@ -104,9 +138,18 @@ def partition_indices(labels: np.ndarray, cfg: Any, num_clients: int, seed: int)
     part = _partitioner(cfg, num_clients, seed)
     part.dataset = ds
     try:
-        out = [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_clients)]
-    except ValueError as err:
-        raise ValueError(f"partition ({cfg.name}): {err}") from None
+        with warnings.catch_warnings():  # flwr-datasets warns on every failed Dirichlet draw
+            warnings.filterwarnings("ignore", message=".*min_partition_size.*")
+            out = [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_clients)]
+    except (ValueError, ZeroDivisionError) as err:
+        if cfg.name == "dirichlet":
+            raise DataError(
+                f"partition.alpha: dirichlet could not give each of {num_clients} clients "
+                f"{cfg.min_partition_size} samples in 10 draws (alpha={cfg.alpha}, {len(labels)} samples); "
+                "raise partition.alpha, lower partition.min_partition_size, or use partition=label_dirichlet "
+                "(per-client label mixes, client sizes near len/N)"
+            ) from None
+        raise DataError(f"partition.name: {cfg.name} partitioning failed: {err}") from None
     return out
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.data.checks import DataError, check_pair, check_split
 from fedsim.seeding import np_rng
 
 
@@ -53,15 +54,21 @@ def _images(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _bundle(xtr, ytr, xte, yte, cfg: Any, natural=None) -> DataBundle:
+def _bundle(xtr, ytr, xte, yte, cfg: Any, natural=None, where: str | None = None, num_classes: int | None = None) -> DataBundle:
+    """Check the arrays (:mod:`fedsim.data.checks`), normalise, and wrap them as tensors.
+
+    ``num_classes`` fixes C for sources that know it (synthetic data, where a class may happen
+    to be absent); otherwise C comes from the training labels, which must be exactly 0..C-1.
+    """
+    where = where or f"dataset={cfg.name}"
+    nonfinite = str(cfg.get("nonfinite", "error"))
+    xtr, ytr, xte, yte, classes = check_split(xtr, ytr, xte, yte, where, nonfinite, known_classes=num_classes)
     xtr, xte = np.asarray(xtr, np.float32), np.asarray(xte, np.float32)
     if cfg.normalize:
         axes = (0,) if xtr.ndim == 2 else (0, 2, 3)
         mean = xtr.mean(axis=axes, keepdims=True)  # per feature (tabular) / channel (images)
         std = xtr.std(axis=axes, keepdims=True) + 1e-6
         xtr, xte = (xtr - mean) / std, (xte - mean) / std
-    ytr, yte = np.asarray(ytr, np.int64), np.asarray(yte, np.int64)
-    classes = int(max(ytr.max(), yte.max()) + 1)
     return DataBundle(
         torch.from_numpy(np.ascontiguousarray(xtr)),
         torch.from_numpy(ytr),
@@ -82,21 +89,48 @@ def load_digits(cfg: Any, seed: int) -> DataBundle:
 
 
 def load_npz(cfg: Any, seed: int) -> DataBundle:
-    """A local ``.npz`` with ``x``, ``y`` (and optionally ``x_test``, ``y_test``)."""
+    """A local ``.npz`` with ``x``, ``y`` (and optionally ``x_test``, ``y_test``).
+
+    Read with ``allow_pickle=False``; every array is checked (:mod:`fedsim.data.checks`) and any
+    problem is one :class:`DataError` naming the file and the array.
+    """
     path = Path(cfg.path)
-    with np.load(path) as f:
-        missing = {"x", "y"} - set(f.files)
+    where = f"dataset.path={path}"
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as err:  # not a zip archive, a pickle, an unreadable file
+        raise DataError(
+            f"{where}: not an .npz archive (np.savez / np.savez_compressed) readable by numpy "
+            f"({type(err).__name__})"
+        ) from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise DataError(f"{where}: is a single .npy array, not an .npz archive with arrays 'x' and 'y' (use np.savez)")
+    with f:
+        names = set(f.files)
+        missing = [k for k in ("x", "y") if k not in names]
         if missing:
-            raise ValueError(f"dataset.path: {path} lacks arrays {sorted(missing)}")
-        x, y = f["x"], f["y"]
-        if "x_test" in f.files and "y_test" in f.files:
-            parts = (x, y, f["x_test"], f["y_test"])
+            raise DataError(f"{where}: has no array {' or '.join(repr(k) for k in missing)} (it has {sorted(names)})")
+        half = {"x_test", "y_test"} & names
+        if len(half) == 1:
+            (have,) = half
+            need = "y_test" if have == "x_test" else "x_test"
+            raise DataError(f"{where}: has '{have}' but no '{need}'; give both or neither")
+
+        def read(name: str) -> np.ndarray:
+            try:
+                return f[name]
+            except ValueError as err:  # object arrays need pickle, which is never allowed
+                raise DataError(f"{where}: array '{name}' holds Python objects (dtype=object); store numbers ({err.__class__.__name__})") from None
+
+        x, y = check_pair(read("x"), read("y"), where)
+        if half:
+            parts = (x, y) + check_pair(read("x_test"), read("y_test"), where, ("x_test", "y_test"))
         else:
             parts = _split(x, y, cfg.test_fraction, seed)
     xtr, ytr, xte, yte = parts
-    if np.asarray(xtr).ndim >= 3:
+    if xtr.ndim >= 3:
         xtr, xte = _images(xtr), _images(xte)
-    return _bundle(xtr, ytr, xte, yte, cfg)
+    return _bundle(xtr, ytr, xte, yte, cfg, where=where)
 
 
 # --- torchvision's on-disk layout, read without torchvision -------------------------------
@@ -154,7 +188,7 @@ def load_torchvision(cfg: Any, seed: int) -> DataBundle:
         xtr, ytr, xte, yte = _load_cifar10(root)
     else:
         xtr, ytr, xte, yte = _load_mnist_like(root, cfg.dataset_name)
-    return _bundle(_images(xtr), ytr, _images(xte), yte, cfg)
+    return _bundle(_images(xtr), ytr, _images(xte), yte, cfg, where=f"dataset.root={root}")
 
 
 def load_huggingface(cfg: Any, seed: int) -> DataBundle:
@@ -198,7 +232,7 @@ def load_huggingface(cfg: Any, seed: int) -> DataBundle:
         xtr, ytr, xte, yte = _split(xtr, ytr, cfg.test_fraction, seed)
     else:
         xte, yte = arrays(test)
-    return _bundle(xtr, ytr, xte, yte, cfg)
+    return _bundle(xtr, ytr, xte, yte, cfg, where=f"dataset.dataset_name={cfg.dataset_name}")
 
 
 def load_synthetic(cfg: Any, num_clients: int, seed: int) -> DataBundle:
@@ -234,9 +268,7 @@ def load_synthetic(cfg: Any, num_clients: int, seed: int) -> DataBundle:
         offset += n_tr
     xtr, ytr = np.concatenate(xs_tr), np.concatenate(ys_tr)
     xte, yte = np.concatenate(xs_te), np.concatenate(ys_te)
-    bundle = _bundle(xtr, ytr, xte, yte, cfg, natural=parts)
-    bundle.num_classes = c
-    return bundle
+    return _bundle(xtr, ytr, xte, yte, cfg, natural=parts, num_classes=c)
 
 
 def load_source(cfg: Any, num_clients: int, seed: int) -> DataBundle:
