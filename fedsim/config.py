@@ -194,7 +194,9 @@ def locate(target: str) -> Any:
         hydra_log.disabled = disabled
 
 
-def _check_target(node: Any, key: str, skip: tuple[str, ...] = (), base: type | None = None) -> None:
+def _check_target(
+    node: Any, key: str, skip: tuple[str, ...] = (), base: type | None = None, base_name: str = ""
+) -> None:
     """Check that ``node._target_`` imports, is a subclass of ``base`` when it is a class, and
     accepts the given keyword arguments."""
     _check(isinstance(node, (dict, DictConfig)) and "_target_" in node, key, "needs a _target_")
@@ -205,7 +207,7 @@ def _check_target(node: Any, key: str, skip: tuple[str, ...] = (), base: type | 
         raise ConfigError(f"{key}._target_: cannot import '{target}' ({_import_reason(err)})") from None
     _check(callable(obj), f"{key}._target_", f"'{target}' is not a class or a function")
     if base is not None and inspect.isclass(obj):
-        _check(issubclass(obj, base), f"{key}._target_", f"{target} is not a {base.__module__}.{base.__qualname__}")
+        _check(issubclass(obj, base), f"{key}._target_", f"{target} is not a {base_name or base.__qualname__}")
     fn = obj.__init__ if inspect.isclass(obj) else obj
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -307,8 +309,8 @@ def validate(cfg: DictConfig) -> None:
     from flwr.serverapp.strategy import Strategy
     from torch import nn
 
-    _check_target(cfg.model, "model", base=nn.Module)
-    _check_target(cfg.strategy, "strategy", base=Strategy)
+    _check_target(cfg.model, "model", base=nn.Module, base_name="torch.nn.Module")
+    _check_target(cfg.strategy, "strategy", base=Strategy, base_name="flwr.serverapp.strategy.Strategy")
     from fedsim.setup_checks import check_setup  # builds the strategy: Flower's and its own constraints
 
     check_setup(cfg)

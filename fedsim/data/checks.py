@@ -129,12 +129,20 @@ def finite_rows(x: np.ndarray, where: str, name: str, mode: str) -> np.ndarray |
     return ~bad
 
 
-def check_pair(x: Any, y: Any, where: str, names: tuple[str, str] = ("x", "y")) -> tuple[np.ndarray, np.ndarray]:
-    """One (features, labels) pair: each checked, and of the same length."""
+def check_pair(
+    x: Any, y: Any, where: str, names: tuple[str, str] = ("x", "y"), nonfinite: str = "error"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One (features, labels) pair: each checked, of the same length, and finite (or, with
+    ``nonfinite='drop'``, without the non-finite samples)."""
     x = check_features(x, where, names[0])
     y = check_labels(y, where, names[1])
     if len(x) != len(y):
         _fail(where, names[0], f"has {len(x)} samples but '{names[1]}' has {len(y)}; they must match")
+    keep = finite_rows(x, where, names[0], nonfinite)
+    if keep is not None:
+        x, y = x[keep], y[keep]
+        if len(y) == 0:
+            _fail(where, names[0], "has no finite sample left")
     return x, y
 
 
@@ -154,21 +162,10 @@ def check_split(
     """
     if nonfinite not in NONFINITE_MODES:
         raise ConfigError(f"dataset.nonfinite: '{nonfinite}' is not one of {NONFINITE_MODES}")
-    xtr, ytr = check_pair(xtr, ytr, where)
-    xte, yte = check_pair(xte, yte, where, test_names)
+    xtr, ytr = check_pair(xtr, ytr, where, ("x", "y"), nonfinite)
+    xte, yte = check_pair(xte, yte, where, test_names, nonfinite)
     if xte.shape[1:] != xtr.shape[1:]:
         _fail(where, test_names[0], f"has sample shape {tuple(xte.shape[1:])} but 'x' has {tuple(xtr.shape[1:])}")
-    for which in ("train", "test"):
-        x, y = (xtr, ytr) if which == "train" else (xte, yte)
-        keep = finite_rows(x, where, "x" if which == "train" else test_names[0], nonfinite)
-        if keep is not None:
-            x, y = x[keep], y[keep]
-            if len(y) == 0:
-                _fail(where, "x" if which == "train" else test_names[0], "has no finite sample left")
-            if which == "train":
-                xtr, ytr = x, y
-            else:
-                xte, yte = x, y
     if known_classes is None:
         c = num_classes_of(ytr, where)
     else:

@@ -122,9 +122,10 @@ def load_npz(cfg: Any, seed: int) -> DataBundle:
             except ValueError as err:  # object arrays need pickle, which is never allowed
                 raise DataError(f"{where}: array '{name}' holds Python objects (dtype=object); store numbers ({err.__class__.__name__})") from None
 
-        x, y = check_pair(read("x"), read("y"), where)
+        nonfinite = str(cfg.get("nonfinite", "error"))
+        x, y = check_pair(read("x"), read("y"), where, ("x", "y"), nonfinite)
         if half:
-            parts = (x, y) + check_pair(read("x_test"), read("y_test"), where, ("x_test", "y_test"))
+            parts = (x, y) + check_pair(read("x_test"), read("y_test"), where, ("x_test", "y_test"), nonfinite)
         else:
             parts = _split(x, y, cfg.test_fraction, seed)
     xtr, ytr, xte, yte = parts

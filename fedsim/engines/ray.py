@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -34,6 +35,7 @@ import sys
 import time
 import warnings
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +107,27 @@ def _quiet_ray() -> None:
     warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
 
 
+#: environment of a local Ray that fedsim starts (set around ``ray.init``, inherited by its processes)
+LOCAL_RAY_ENV = {
+    # a driver killed with SIGKILL takes the GCS and raylet with it; the agents the raylet started
+    # (DashboardAgent, RuntimeEnvAgent) then try to report to the dead GCS and linger until this
+    # timeout (60 s by default) instead of exiting
+    "RAY_gcs_rpc_server_reconnect_timeout_s": "5",
+    # node IP = 127.0.0.1: every Ray server of the session listens on localhost only
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
 def start_ray(engine: dict[str, Any]) -> bool:
     """Connect to Ray as ``engine`` says; True when this call started (and so owns) it.
 
     A local Ray inherits this process's environment, so the driver's ``sys.path`` is exported
     as ``PYTHONPATH`` first: workers import whatever the driver can (test modules, a user's
     strategy file next to the script), without a runtime environment to build.
+
+    A local Ray is private to this run: no dashboard, every server on 127.0.0.1, and all its
+    processes (agents included) exit within seconds when the driver dies, even by SIGKILL
+    (:data:`LOCAL_RAY_ENV`). ``engine.address=auto`` with no running cluster is a ConfigError.
     """
     _quiet_ray()
     if ray.is_initialized():
@@ -124,12 +141,49 @@ def start_ray(engine: dict[str, Any]) -> bool:
     address = engine.get("address")
     if address:
         kwargs["address"] = address
-    else:
-        paths = [p for p in sys.path if p and Path(p).is_dir()]
-        extra = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = os.pathsep.join(paths + ([extra] if extra else []))
-    ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as err:
+            raise ConfigError(
+                f"engine.address: no Ray cluster at '{address}' ({_last_line(err)}); start one with "
+                "`ray start --head`, or leave engine.address unset to start a private local Ray"
+            ) from None
+        return True
+    paths = [p for p in sys.path if p and Path(p).is_dir()]
+    extra = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths + ([extra] if extra else []))
+    kwargs.setdefault("_node_ip_address", "127.0.0.1")
+    with _local_ray_env():
+        ray.init(**kwargs)
     return True
+
+
+@contextlib.contextmanager
+def _local_ray_env() -> Iterator[None]:
+    """:data:`LOCAL_RAY_ENV` for the processes ``ray.init`` starts, and for this process's view of
+    the node IP (Ray reads that variable once, at import); both restored afterwards, so a later
+    run that joins a cluster is unaffected. A variable the user set is left as it is."""
+    from ray._private import ray_constants
+
+    saved = {k: os.environ.get(k) for k in LOCAL_RAY_ENV}
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    for k, v in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false", "False")
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def pool_size(resources: dict[str, float], num_actors: int | None, num_clients: int) -> int:
