@@ -107,12 +107,12 @@ def encode(obj: Any) -> Any:
     numpy arrays, sets, tuples, deques, Flower records, dataclasses and plain objects are
     tagged so :func:`decode` rebuilds them exactly (arrays keep dtype and bytes).
     """
+    if isinstance(obj, np.generic):  # before float: np.float64 is a float subclass
+        return {"__np_scalar__": encode(np.asarray(obj))}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    if isinstance(obj, np.generic):
-        return {"__np_scalar__": encode(np.asarray(obj))}
     if isinstance(obj, np.ndarray):
-        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj).copy()) if obj.dtype != object else None,
+        return {"__ndarray__": torch.from_numpy(np.array(obj, copy=True, order="C")) if obj.dtype != object else None,
                 "dtype": str(obj.dtype)}
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().clone()
@@ -241,6 +241,13 @@ def load(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ConfigError(f"output.resume: {d} has checkpoint format {state.get('format')}, expected {FORMAT}")
     tensors = torch.load(d / state["tensors"], weights_only=True)
     return state, tensors
+
+
+def remove(run_dir: Path) -> None:
+    """Delete the checkpoint of a finished run (its ``summary.json`` now marks it complete)."""
+    import shutil
+
+    shutil.rmtree(Path(run_dir) / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def model_of(tensors: dict[str, Any]) -> ArrayRecord:

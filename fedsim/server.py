@@ -185,4 +185,7 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
         raise
     recorder.extra_summary.update(health.summary())
     final_arrays = result.arrays if result.arrays is not None else last_arrays[0]
-    return recorder.finish(final_arrays.to_torch_state_dict(), engine)
+    summary = recorder.finish(final_arrays.to_torch_state_dict(), engine)
+    if run_dir is not None:  # finished: summary.json now marks it; the checkpoint is spent
+        checkpoint.remove(Path(run_dir))
+    return summary
