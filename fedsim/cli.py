@@ -37,7 +37,6 @@ def _interrupted() -> None:
     where = PROGRESS.get("run_dir")
     msg = f"interrupted at round {PROGRESS.get('round', 0)}" + (f"; results so far in {where}" if where else "")
     print(msg, file=sys.stderr, flush=True)
-    log.info("%s", msg)  # the run's log file
     sys.exit(EXIT_INTERRUPTED)
 
 
