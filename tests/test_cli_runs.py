@@ -114,3 +114,4 @@ def test_sigkill_then_resume_is_bitwise_equal_inline(tmp_path):
     assert _rows(ref) == _rows(killed)
     assert json.loads((killed / "summary.json").read_text())["status"] == "ok"
     assert not (killed / "checkpoint").exists()
+
