@@ -62,6 +62,9 @@ def _main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     sweep = hc.mode == RunMode.MULTIRUN
+    from fedsim import tracking
+
+    tracking.INTERACTIVE["allowed"] = not sweep
     try:
         summary = run_experiment(cfg, run_dir)
     except KeyboardInterrupt:

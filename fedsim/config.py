@@ -140,6 +140,8 @@ class OutputConfig:
     resume: bool = False  # continue an unfinished run from the checkpoint in its directory
     overwrite: bool = False  # replace the results already in the run directory (else: skip/refuse)
     divergence_factor: float = 10.0  # status "diverged" when train loss > this x round 1's (0 = off)
+    tensorboard: bool = False  # per-round scalars in run_dir/tensorboard (torch.utils.tensorboard)
+    progress: str = "auto"  # auto (rich bar on a terminal, not in -m sweeps) | bar | plain
 
 
 @dataclass
@@ -259,6 +261,7 @@ def validate(cfg: DictConfig) -> None:
         "output.checkpoint_every",
         "not supported with engine=flower (client states live in Flower's runtime); use inline or ray",
     )
+    _check(o.progress in ("auto", "bar", "plain"), "output.progress", f"'{o.progress}' is not one of auto, bar, plain")
     _check(not (o.resume and o.overwrite), "output.resume", "cannot be combined with output.overwrite=true")
     from fedsim import participation
 

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fedsim import checkpoint, threat
+from fedsim import checkpoint, threat, tracking
 from fedsim import participation as participation_mod
 from fedsim.client import evaluate_model, import_strategy_module, resolve_device
 from fedsim.data import load_federated
@@ -167,6 +167,8 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
         return res
 
     runner = strategy if start_round == 0 else checkpoint.offset_strategy(strategy, start_round)
+    trackers = tracking.build(cfg, run_dir, start_round)
+    recorder.round_callbacks.extend(t.on_round for t in trackers)
     try:
         result = runner.start(
             grid=fgrid,
@@ -183,6 +185,9 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
     except Exception as err:
         recorder.fail(err, engine)
         raise
+    finally:
+        for t in trackers:
+            t.close()
     recorder.extra_summary.update(health.summary())
     final_arrays = result.arrays if result.arrays is not None else last_arrays[0]
     summary = recorder.finish(final_arrays.to_torch_state_dict(), engine)

@@ -265,3 +265,16 @@ def test_offset_strategy_shifts_rounds():
 
     offset_strategy(S(), 4).start(num_rounds=2, evaluate_fn=lambda r, a: seen.append(("eval", r)))
     assert seen == [("eval", 4), ("train", 5), ("eval", 5), ("train", 6), ("eval", 6)]
+
+
+# --- tracking --------------------------------------------------------------------------------------
+def test_tensorboard_scalars_and_progress_bar(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary, rows, run_dir = run("rounds=2", "output.tensorboard=true", "output.progress=bar")
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("test_accuracy")
+    assert [e.step for e in events] == [1, 2]
+    assert [e.value for e in events] == pytest.approx([r["test_accuracy"] for r in rows])
+    assert "train_loss" in acc.Tags()["scalars"]
