@@ -137,8 +137,12 @@ class ThreatConfig:
 @dataclass
 class OutputConfig:
     save_model: bool = True
-    checkpoint_every: int = 0  # write a resumable checkpoint every k rounds (0 = never)
-    resume: bool = False  # resume from checkpoint.pt in the run directory if present
+    checkpoint_every: int = 0  # write a resumable checkpoint every k rounds (0 = never); docs/sweeps.md
+    resume: bool = False  # continue an unfinished run from the checkpoint in its directory
+    overwrite: bool = False  # replace the results already in the run directory (else: skip/refuse)
+    divergence_factor: float = 10.0  # status "diverged" when train loss > this x round 1's (0 = off)
+    tensorboard: bool = False  # per-round scalars in run_dir/tensorboard (torch.utils.tensorboard)
+    progress: str = "auto"  # auto (rich bar on a terminal, not in -m sweeps) | bar | plain
 
 
 @dataclass
@@ -300,6 +304,16 @@ def validate(cfg: DictConfig) -> None:
     _check(
         e.client_timeout is None or e.client_timeout > 0, "engine.client_timeout", "must be > 0"
     )
+    o = cfg.output
+    _check(o.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0")
+    _check(o.divergence_factor >= 0, "output.divergence_factor", "must be >= 0 (0 = off)")
+    _check(
+        not (o.checkpoint_every and e.name == "flower"),
+        "output.checkpoint_every",
+        "not supported with engine=flower (client states live in Flower's runtime); use inline or ray",
+    )
+    _check(o.progress in ("auto", "bar", "plain"), "output.progress", f"'{o.progress}' is not one of auto, bar, plain")
+    _check(not (o.resume and o.overwrite), "output.resume", "cannot be combined with output.overwrite=true")
     from fedsim import participation
 
     participation.validate(cfg.participation, cfg.num_clients)

@@ -53,11 +53,24 @@ def load_checked_data(plain: dict[str, Any]) -> None:
 
 
 def run_experiment(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
-    """Validate ``cfg``, run it on its engine, return the summary (files go to ``run_dir``)."""
+    """Validate ``cfg``, run it on its engine, return the summary (files go to ``run_dir``).
+
+    Before any data is loaded, :func:`fedsim.rundir.claim` decides what to do with results
+    already in ``run_dir`` (skip a finished run, resume, refuse another config's results).
+    """
+    from fedsim import rundir
     from fedsim.engines import run_engine
 
     quiet_flower()
     plain = prepare(cfg)
+    out = plain.get("output", {})
+    if out.get("checkpoint_every") or out.get("resume"):
+        from fedsim.checkpoint import check_strategy
+
+        check_strategy(plain["strategy"]["_target_"])
+    action, done = rundir.claim(run_dir, plain)
+    if action == "skip":
+        return done
     log.info(
         "fedsim: %s on %s, %d clients, %d rounds, engine=%s",
         plain["strategy"]["_target_"].rsplit(".", 1)[-1],
@@ -66,8 +79,11 @@ def run_experiment(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None
         plain["rounds"],
         plain["engine"]["name"],
     )
-    load_checked_data(plain)
-    summary = run_engine(plain, run_dir)
+    try:
+        load_checked_data(plain)
+        summary = run_engine(plain, run_dir)
+    finally:
+        rundir.unlock(run_dir)
     log.info(
         "done: final accuracy %s (best %s at round %s) in %.1fs%s",
         summary["final_accuracy"],

@@ -8,7 +8,7 @@ and fixes the next round's participants.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,13 +19,14 @@ from flwr.serverapp import Grid
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from fedsim import checkpoint, threat, tracking
 from fedsim import participation as participation_mod
-from fedsim import threat
 from fedsim.client import evaluate_model, import_strategy_module, resolve_device
 from fedsim.data import load_federated
-from fedsim.grid import FedsimGrid
+from fedsim.grid import FedsimGrid, RoundStats
+from fedsim.health import RunHealth
 from fedsim.models import build_model
-from fedsim.results import Recorder
+from fedsim.results import Recorder, write_json
 
 log = logging.getLogger("fedsim")
 
@@ -60,12 +61,30 @@ def record_participation(part: Any, fgrid: FedsimGrid, recorder: Recorder, run_d
     recorder.extra_summary["participation"] = info
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / "participation.json").write_text(json.dumps(info))
+        write_json(Path(run_dir) / "participation.json", info)
+
+
+def _resume_point(cfg: dict[str, Any], run_dir: Path | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The checkpoint to continue from (``output.resume=true`` and one exists), else ``None``."""
+    out = cfg.get("output", {})
+    if run_dir is None or not out.get("resume"):
+        return None
+    if not (Path(run_dir) / checkpoint.CHECKPOINT_DIR / "state.json").is_file():
+        return None
+    return checkpoint.load(Path(run_dir))
 
 
 def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: str) -> dict[str, Any]:
-    """Run the whole experiment against ``grid``; return the summary."""
+    """Run the whole experiment against ``grid``; return the summary.
+
+    With ``output.checkpoint_every=k`` a checkpoint is written after every k-th round (see
+    :mod:`fedsim.checkpoint`); with ``output.resume=true`` and a checkpoint in ``run_dir`` the
+    run continues after the checkpoint's round and ends as the uninterrupted run would.
+    """
     seed, rounds = int(cfg["seed"]), int(cfg["rounds"])
+    out = cfg.get("output", {})
+    ckpt_every = int(out.get("checkpoint_every", 0) or 0)
+    resumed = _resume_point(cfg, run_dir)
     import_strategy_module(cfg)
     ocfg = OmegaConf.create(cfg)
     data = load_federated(ocfg.dataset, ocfg.partition, cfg["num_clients"], seed)
@@ -78,14 +97,43 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
     fgrid.discover()
     if hasattr(strategy, "bind_harness"):  # strategies that need N, p_n, ... (never ground truth)
         strategy.bind_harness(fgrid)
-    recorder = Recorder(run_dir, cfg)
+    health = RunHealth(float(out.get("divergence_factor", 10.0)))
+    contexts = checkpoint.contexts_of(grid)
+    if (ckpt_every or resumed) and contexts is None:
+        raise ValueError(f"output.checkpoint_every/resume: engine {engine} does not expose client contexts")
+    start_round, rows, elapsed = 0, None, 0.0
+    initial = ArrayRecord(model.state_dict())
+    if resumed is not None:
+        state, tensors = resumed
+        start_round, rows, elapsed = int(state["round"]), state["rows"], float(state.get("wall_time", 0.0))
+        health.load_state_dict(state["health"])
+        fgrid.stats = {int(r): RoundStats(**st) for r, st in state["stats"].items()}
+        checkpoint.load_strategy_state(strategy, tensors["strategy"])
+        for pid, t in tensors["clients"].items():
+            contexts[fgrid.pid_to_node[int(pid)]].state = checkpoint.decode_state(t)
+        initial = checkpoint.model_of(tensors)
+        log.info("resuming after round %d from %s", start_round, Path(run_dir) / checkpoint.CHECKPOINT_DIR)
+    recorder = Recorder(run_dir, cfg, rows=rows)
+    recorder.t0 -= elapsed
     x_test, y_test = data.test()
     every = int(cfg["eval"]["every"])
     t_round = [time.time()]
+    last_arrays = [initial]
+
+    def save_checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        states = {fgrid.pid(n): ctx.state for n, ctx in contexts.items()}
+        harness = {
+            "rows": recorder.rows,
+            "stats": {str(r): dataclasses.asdict(st) for r, st in fgrid.stats.items() if r <= server_round},
+            "health": health.state_dict(),
+            "wall_time": time.time() - recorder.t0,
+        }
+        checkpoint.save(Path(run_dir), server_round, arrays, strategy, states, harness)
 
     def on_round_boundary(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         res: MetricRecord | None = None
-        if server_round > 0:
+        last_arrays[0] = arrays
+        if server_round > start_round:
             row: dict[str, Any] = {"round": server_round}
             if server_round % every == 0 or server_round == rounds:
                 model.load_state_dict(arrays.to_torch_state_dict())
@@ -109,23 +157,40 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
             for obs in observers:
                 row.update(obs.on_round_end(server_round, strategy, fgrid))
             row["seconds"] = time.time() - t_round[0]
+            health.update(row)
             recorder.add(row)
+            if ckpt_every and run_dir is not None and server_round % ckpt_every == 0 and server_round < rounds:
+                save_checkpoint(server_round, arrays)
         if server_round < rounds:
             fgrid.begin_round(server_round + 1)
         t_round[0] = time.time()
         return res
 
-    result = strategy.start(
-        grid=fgrid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=rounds,
-        timeout=float(cfg["timeout"]),
-        train_config=train_config(cfg),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=on_round_boundary,
-    )
-    for obs in observers:
-        recorder.extra_summary.update(obs.on_finish(strategy, fgrid))
-    record_participation(part, fgrid, recorder, run_dir)
-    final = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
-    return recorder.finish(final, engine)
+    runner = strategy if start_round == 0 else checkpoint.offset_strategy(strategy, start_round)
+    trackers = tracking.build(cfg, run_dir, start_round)
+    recorder.round_callbacks.extend(t.on_round for t in trackers)
+    try:
+        result = runner.start(
+            grid=fgrid,
+            initial_arrays=initial,
+            num_rounds=rounds - start_round,
+            timeout=float(cfg["timeout"]),
+            train_config=train_config(cfg),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=on_round_boundary,
+        )
+        for obs in observers:
+            recorder.extra_summary.update(obs.on_finish(strategy, fgrid))
+        record_participation(part, fgrid, recorder, run_dir)
+    except Exception as err:
+        recorder.fail(err, engine)
+        raise
+    finally:
+        for t in trackers:
+            t.close()
+    recorder.extra_summary.update(health.summary())
+    final_arrays = result.arrays if result.arrays is not None else last_arrays[0]
+    summary = recorder.finish(final_arrays.to_torch_state_dict(), engine)
+    if run_dir is not None:  # finished: summary.json now marks it; the checkpoint is spent
+        checkpoint.remove(Path(run_dir))
+    return summary

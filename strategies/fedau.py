@@ -228,6 +228,8 @@ class FedAU(_GlobalStep):
         self.last_weights = {int(p): float(w) for p, w in zip(idx, omega)}
         return fedau_direction(updates, omega, self.num_clients)
 
+    checkpoint_attrs = ("estimator", "last_weights", "dropped")  # fedsim.checkpoint
+
 
 class AvgParticipating(_GlobalStep):
     """Baseline ``average_participating``: x + eta_g mean_S Delta_n (biased under heterogeneous p_n).
@@ -239,6 +241,8 @@ class AvgParticipating(_GlobalStep):
         if not len(idx):
             return np.zeros_like(self.global_vec)
         return average_participating(updates)
+
+    checkpoint_attrs = ("dropped",)  # fedsim.checkpoint: no server memory
 
 
 class AvgAll(_GlobalStep):
@@ -252,6 +256,8 @@ class AvgAll(_GlobalStep):
         if not len(idx):
             return np.zeros_like(self.global_vec)
         return average_all(updates, self.num_clients)
+
+    checkpoint_attrs = ("dropped",)  # fedsim.checkpoint: no server memory
 
 
 class KnownProb(_GlobalStep):
@@ -284,6 +290,8 @@ class KnownProb(_GlobalStep):
             return np.zeros_like(self.global_vec)
         return known_prob_direction(updates, self.probs[idx], self.num_clients)
 
+    checkpoint_attrs = ("dropped",)  # fedsim.checkpoint: p_n come from bind_harness
+
 
 class _Memory(_GlobalStep):
     """Keeps the latest update of every client: an [N, d] float32 array (O(N d) server memory,
@@ -309,6 +317,8 @@ class MIFA(_Memory):
     def direction(self, server_round: int, idx: np.ndarray, updates: np.ndarray) -> np.ndarray:
         return mifa_direction(self._mem(self.global_vec.size), idx, updates)
 
+    checkpoint_attrs = ("memory", "dropped")  # fedsim.checkpoint
+
 
 class FedVarp(_Memory):
     """FedVarp (Jhunjhunwala et al. 2022) as in IBM/fedau: x + eta_g [ybar + mean_S(Delta_n - y_n)].
@@ -318,3 +328,5 @@ class FedVarp(_Memory):
 
     def direction(self, server_round: int, idx: np.ndarray, updates: np.ndarray) -> np.ndarray:
         return fedvarp_direction(self._mem(self.global_vec.size), idx, updates)
+
+    checkpoint_attrs = ("memory", "dropped")  # fedsim.checkpoint

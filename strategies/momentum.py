@@ -333,6 +333,8 @@ class MomentumFamily(UpdateStrategy):
         c = self.c or {k: np.zeros_like(v) for k, v in total.items()}
         self.c = {k: control_update(c[k], total[k], self.num_clients) for k in total}
 
+    checkpoint_attrs = ("g", "c", "prev_vec", "last_gamma", "lr", "weight_decay", "history", "dropped")  # fedsim.checkpoint
+
 
 class FedAvgMomentum(MomentumFamily):
     """FedAvg-M ([CHWY] Alg. 1; = FedCM): clients use beta*grad + (1-beta)*g^r. Not Flower's
@@ -340,12 +342,16 @@ class FedAvgMomentum(MomentumFamily):
 
     local_algorithm = "fedavg_m"
 
+    checkpoint_attrs = MomentumFamily.checkpoint_attrs
+
 
 class ScaffoldMomentum(MomentumFamily):
     """SCAFFOLD-M ([CHWY] Alg. 2): beta*(grad - c_i + c) + (1-beta)*g^r, 1/N update of c."""
 
     local_algorithm = "scaffold_m"
     control = True
+
+    checkpoint_attrs = MomentumFamily.checkpoint_attrs
 
 
 class Scaffold(MomentumFamily):
@@ -357,12 +363,16 @@ class Scaffold(MomentumFamily):
     def __init__(self, global_lr: float = 1.0, gamma: float | None = None, weighting: str = "uniform", **kwargs) -> None:
         super().__init__(beta=1.0, global_lr=global_lr, gamma=gamma, weighting=weighting, init_momentum="zero", **kwargs)
 
+    checkpoint_attrs = MomentumFamily.checkpoint_attrs
+
 
 class FedAvgMomentumVR(MomentumFamily):
     """FedAvg-M-VR ([CHWY] Sec. 5, STORM-style; [UNVERIFIED]): grad + (1-beta)(g^r - grad(x^{r-1}))."""
 
     local_algorithm = "fedavg_m_vr"
     vr = True
+
+    checkpoint_attrs = MomentumFamily.checkpoint_attrs
 
 
 class ScaffoldMomentumVR(MomentumFamily):
@@ -372,6 +382,8 @@ class ScaffoldMomentumVR(MomentumFamily):
     local_algorithm = "scaffold_m_vr"
     control = True
     vr = True
+
+    checkpoint_attrs = MomentumFamily.checkpoint_attrs
 
 
 # ---------------------------------------------------------------------------------------------

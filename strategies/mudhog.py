@@ -328,3 +328,5 @@ class MudHoG(UpdateStrategy):
         if w.sum() <= 0:
             return self.global_vec.copy()
         return self.global_vec + (w[:, None] * ru.updates).sum(0) / w.sum()
+
+    checkpoint_attrs = ("hogs", "decisions", "iter", "last_round", "dropped")  # fedsim.checkpoint

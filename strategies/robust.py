@@ -59,6 +59,8 @@ class GeoMed(UpdateStrategy):
         z, _ = geometric_median(ru.updates, alphas, self.nu, self.maxiter, self.ftol)
         return self.global_vec + z
 
+    checkpoint_attrs = ("dropped",)  # fedsim.checkpoint: no server memory
+
 
 # --- FoolsGold ---------------------------------------------------------------------------------
 def foolsgold_weights(history: np.ndarray, kappa: float = 1.0) -> np.ndarray:
@@ -125,6 +127,8 @@ class FoolsGold(UpdateStrategy):
         if z <= 0:
             return self.global_vec.copy()
         return self.global_vec + (w[:, None] * ru.updates).sum(0) / z
+
+    checkpoint_attrs = ("history", "last_weights", "dropped")  # fedsim.checkpoint
 
 
 __all__ = ["geometric_median", "GeoMed", "foolsgold_weights", "FoolsGold"]

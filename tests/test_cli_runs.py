@@ -1,0 +1,117 @@
+"""The ``fedsim`` command's behaviour on failures (issue 13 items 2, 4, 7, 10) and resume after a
+SIGKILL (issue 12 item 3), in subprocesses where the behaviour is the CLI's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsim import cli
+from fedsim.compose import compose_config
+from fedsim.config import ConfigError
+from fedsim.experiment import run_experiment
+from fedsim.results import read_metrics
+
+FAST = ["num_clients=4", "client.epochs=1", "client.num_threads=1", "dataset.max_samples=400"]
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+
+
+def fedsim(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsim.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=ENV,
+    )
+
+
+def wait_rows(run_dir: Path, n: int, proc: subprocess.Popen, limit: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        p = run_dir / "metrics.jsonl"
+        if p.is_file() and p.read_text().count("\n") >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early: {proc.stdout.read()}")
+        time.sleep(0.05)
+    pytest.fail("run did not reach round {n}")
+
+
+def test_sweep_goes_on_after_a_bad_job_and_exit_counts_failures(tmp_path, monkeypatch, capsys):
+    """``-m rounds=1,-1,2``: job 1's config error is reported, job 2 still runs; exit status 1."""
+    monkeypatch.setattr(sys, "argv", ["fedsim", "-m", "rounds=1,-1,2", *FAST, f"hydra.sweep.dir={tmp_path}"])
+    monkeypatch.setitem(cli._SWEEP, "failed", None)
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 1
+    done = {d.name: json.loads((d / "summary.json").read_text())["status"] for d in tmp_path.iterdir() if d.is_dir()}
+    bad = [k for k in done if "rounds=-1" in k]  # sub-directories named by the overrides
+    assert len(done) == 3 and len(bad) == 1 and done[bad[0]].startswith("failed: ConfigError")
+    assert all(v == "ok" for k, v in done.items() if k not in bad)
+    good = [k for k in done if k.endswith("rounds=2")]
+    assert len(read_metrics(tmp_path / good[0])) == 2  # job 2 ran after the failed job 1
+
+
+def test_no_training_exits_3(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["fedsim", "rounds=1", "participation.fraction=0.01",
+                                      "participation.min_clients=0", *FAST, f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "no client trained in rounds 1"
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    proc = fedsim("rounds=500", *FAST, f"hydra.run.dir={tmp_path}")
+    wait_rows(tmp_path, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out
+    lines = [x for x in out.splitlines() if "interrupted at round" in x]
+    assert len(lines) == 1 and f"results so far in {tmp_path}" in lines[0]
+    assert not (tmp_path / "summary.json").exists()  # not a finished run
+    assert read_metrics(tmp_path)  # what was done is kept
+
+
+RESUME = ["strategy=scaffold", "rounds=40", "participation.fraction=0.5", "client.steps=20", "seed=3",
+          "output.checkpoint_every=3"]
+
+
+def _same_model(a: Path, b: Path) -> bool:
+    x, y = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(run_dir)]
+
+
+def test_sigkill_then_resume_is_bitwise_equal_inline(tmp_path):
+    """SCAFFOLD keeps state on both sides (server c, clients' c_i): a run killed after its
+    round-3 checkpoint and resumed ends with the uninterrupted run's model, bit for bit."""
+    ref = tmp_path / "ref"
+    run_experiment(compose_config(FAST + RESUME), ref)
+    killed = tmp_path / "killed"
+    proc = fedsim(*FAST, *RESUME, f"hydra.run.dir={killed}")
+    wait_rows(killed, 4, proc)  # round 4 is recorded after the round-3 checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (killed / "summary.json").exists()
+    with pytest.raises(ConfigError, match="output.resume=true"):  # refused without output.resume
+        run_experiment(compose_config(FAST + RESUME), killed)
+    res = fedsim(*FAST, *RESUME, "output.resume=true", f"hydra.run.dir={killed}")
+    out, _ = res.communicate(timeout=120)
+    assert res.returncode == 0, out
+    assert "resuming after round" in out
+    assert _same_model(ref, killed)
+    assert _rows(ref) == _rows(killed)
+    assert json.loads((killed / "summary.json").read_text())["status"] == "ok"
+    assert not (killed / "checkpoint").exists()
+

@@ -1,0 +1,83 @@
+"""``fedsim-report`` on a synthetic multirun directory: numbers computed by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsim import report
+
+
+def fake_run(d: Path, overrides: list[str], accs: list[float], status: str | None = "ok", extra=None) -> None:
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    cfg = {"seed": 0, "strategy": {"_target_": "x"}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = [{"round": i + 1, "test_accuracy": a, **(extra or {})} for i, a in enumerate(accs)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if status is not None:
+        (d / "summary.json").write_text(json.dumps({"status": status, "final_accuracy": accs[-1]}))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """threat x strategy x seed; one diverged, one killed (no summary), one with backdoor accuracy."""
+    root = tmp_path / "multirun"
+    fake_run(root / "a", ["strategy=fedavg", "threat=none", "seed=0"], [0.2, 0.6, 0.8])
+    fake_run(root / "b", ["strategy=fedavg", "threat=none", "seed=1"], [0.3, 0.5, 0.6])
+    fake_run(root / "c", ["strategy=fedavg", "threat=signflip", "seed=0"], [0.1, 0.2, 0.3])
+    fake_run(root / "d", ["strategy=fedavg", "threat=signflip", "seed=1"], [0.1, 0.9, 0.1], status="diverged at round 3")
+    fake_run(root / "e", ["strategy=krum", "threat=none", "seed=0"], [0.5, 0.7, 0.7], extra={"backdoor_accuracy": 0.25})
+    fake_run(root / "f", ["strategy=krum", "threat=none", "seed=1"], [0.5, 0.7, 0.9], extra={"backdoor_accuracy": 0.75})
+    fake_run(root / "g", ["strategy=krum", "threat=signflip", "seed=0"], [0.4, 0.5, 0.6])
+    fake_run(root / "h", ["strategy=krum", "threat=signflip", "seed=1"], [0.4], status=None)  # killed
+    (root / "multirun.yaml").write_text("{}")
+    return root
+
+
+def test_report_numbers_by_hand(sweep):
+    rep = report.build([sweep], last=2)
+    assert rep["keys"] == ["strategy", "threat"]  # seed varies but is averaged over
+    rows = {(r["strategy"], r["threat"]): r for r in rep["rows"]}
+    r = rows[("fedavg", "none")]
+    assert r["n"] == 2 and r["excluded"] == 0
+    assert r["final_mean"] == pytest.approx(0.7) and r["final_std"] == pytest.approx(0.1414213562, abs=1e-9)
+    assert r["best_mean"] == pytest.approx(0.7)
+    assert r["last2_mean"] == pytest.approx((0.7 + 0.55) / 2)  # seed 0: (0.6+0.8)/2, seed 1: (0.5+0.6)/2
+    r = rows[("fedavg", "signflip")]  # the diverged seed is listed, not averaged
+    assert r["n"] == 1 and r["excluded"] == 1 and "diverged at round 3" in r["excluded_runs"]
+    assert r["final_mean"] == pytest.approx(0.3) and r["final_std"] == 0.0
+    r = rows[("krum", "none")]
+    assert r["final_mean"] == pytest.approx(0.8) and r["backdoor_mean"] == pytest.approx(0.5)
+    assert r["backdoor_std"] == pytest.approx(0.3535533906, abs=1e-9)
+    r = rows[("krum", "signflip")]
+    assert r["n"] == 1 and r["excluded"] == 1 and "no summary.json" in r["excluded_runs"]
+    assert "backdoor_mean" not in rows[("fedavg", "none")]
+
+
+def test_report_files_and_filters(sweep, capsys):
+    report.main([str(sweep), "--last", "2"])
+    out = capsys.readouterr().out
+    assert "| strategy | threat |" in out and "0.7000 ± 0.1414" in out and "Excluded runs" in out
+    with open(sweep / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and float(rows[0]["final_mean"]) == pytest.approx(0.7)
+    for png in ("curves.png", "heatmap.png"):
+        data = (sweep / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    rep = report.build([sweep], where=["strategy=krum"])
+    assert [r["threat"] for r in rep["rows"]] == ["none", "signflip"] and rep["keys"] == ["threat"]
+    rep = report.build([sweep], metric="backdoor_accuracy", where=["threat=none", "strategy=krum"])
+    assert rep["rows"][0]["final_mean"] == pytest.approx(0.5)
+    with pytest.raises(SystemExit, match="no runs"):
+        report.build([sweep], where=["strategy=nothing"])
+
+
+def test_sweep_failure_count_ignores_diverged(sweep):
+    runs = report.find_runs([sweep])
+    assert len(runs) == 8
+    assert sorted(d.name for d in runs if report.sweep_failed(d)) == ["h"]
