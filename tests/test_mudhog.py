@@ -178,7 +178,10 @@ def test_strategy_flags_and_excludes_a_planted_flipper_and_noisy_client():
 
 
 def test_presets_and_bad_arguments():
-    assert (MudHoG(preset="fashion_mnist").eps, MudHoG(preset="cifar10").min_samples) == (1.3, 12)
+    assert (MudHoG(preset="fashion_mnist").eps, MudHoG(preset="fashion_mnist").min_samples) == (1.3, 5)
+    # CIFAR: eps 18 and min_samples 5, the value in effect in the authors' code (its 12 is never read)
+    assert (MudHoG(preset="cifar10").eps, MudHoG(preset="cifar10").min_samples) == (18.0, 5)
+    assert MudHoG(preset="cifar10", dbscan_min_samples=12).min_samples == 12
     assert MudHoG(dbscan_eps=2.0).eps == 2.0
     with pytest.raises(ValueError, match="preset"):
         MudHoG(preset="svhn")
