@@ -11,7 +11,10 @@ thread), and records per round the mean client training loss and the test accura
   step fedsim used before the fix with unequal K_i: x + eta_g * sum_i w_i (Kbar / K_i) Delta_i,
   reproduced here by patching ``strategies.momentum.momentum_estimate``);
 * ``strategy`` (scaffold / fedavg), ``client.lr`` and ``strategy.global_lr`` (eta_g);
-* optionally ``client.steps`` (a common K) instead of ``client.epochs``.
+* optionally ``client.steps`` (a common K) instead of ``client.epochs``, or full participation.
+
+Per round it also records ||c|| (the server control variate, SCAFFOLD only) and the number of
+replies dropped as non-finite.
 
 Writes ``docs/scaffold_stability.json`` (one entry per case, with every round's numbers) and
 prints a table. Needs ``../shared/data/mnist10k.npz``.
@@ -71,6 +74,10 @@ CASES = [
     case("scaffold", 0.1, eta_g=0.5),
     case("scaffold", 0.05, rule="fednova"),
     case("scaffold", 0.1, extra=("client.steps=10",)),
+    case("scaffold", 0.1, extra=("participation.fraction=1.0",)),
+    case("fedavg", 0.1, extra=("participation.fraction=1.0",)),
+    case("scaffold", 0.1, eta_g=2.0),
+    case("scaffold", 0.07),
 ]
 
 
@@ -89,7 +96,16 @@ def run_case(c: dict, seed: int, work: Path) -> dict:
     from strategies import momentum
 
     torch.set_num_threads(1)
-    original = momentum.momentum_estimate
+    original, original_agg = momentum.momentum_estimate, momentum.MomentumFamily.aggregate_updates
+    trace: list[dict] = []  # the strategy's per-round |g|, |c| (SCAFFOLD's server state)
+
+    def traced(self, server_round, ru):
+        out = original_agg(self, server_round, ru)
+        if self.history and self.history[-1]["round"] == server_round:
+            trace.append(dict(self.history[-1]))
+        return out
+
+    momentum.MomentumFamily.aggregate_updates = traced
     if c["rule"] == "fednova":
         momentum.momentum_estimate = fednova_estimate
     try:
@@ -98,7 +114,7 @@ def run_case(c: dict, seed: int, work: Path) -> dict:
         summary = run_experiment(compose_config(BASE + c["overrides"] + [f"seed={seed}"]), run_dir)
         rows = read_metrics(run_dir)
     finally:
-        momentum.momentum_estimate = original
+        momentum.momentum_estimate, momentum.MomentumFamily.aggregate_updates = original, original_agg
 
     def num(v):  # NaN/inf -> None (valid JSON)
         return None if v is None or not math.isfinite(float(v)) else float(v)
@@ -112,6 +128,8 @@ def run_case(c: dict, seed: int, work: Path) -> dict:
         "best_round": summary["best_round"],
         "train_loss": [num(r.get("train_loss")) for r in rows],
         "test_accuracy": [num(r.get("test_accuracy")) for r in rows],
+        "c_norm": [num(t["c_norm"]) for t in trace],
+        "failed": [int(r.get("failed", 0)) for r in rows],
     }
 
 
