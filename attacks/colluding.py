@@ -9,6 +9,9 @@ sees anything, so every strategy faces them unchanged.
 * :class:`ALIE` -- "A Little Is Enough" (Baruch, Baruch & Goldberg, NeurIPS 2019, Alg. 3):
   ``s = floor(n/2 + 1) - m``, ``z = Phi^-1((n - s) / n)``, every attacker sends
   ``mu - z * sigma`` (coordinate-wise mean and standard deviation of the benign updates).
+  ``z_rule="honest"`` uses ``z = Phi^-1((n - m - s) / (n - m))`` instead, the form of many public
+  reimplementations (e.g. Karimireddy, He & Jaggi's ``epfml/byzantine-robust-noniid-optimizer``,
+  ``codes/attacks/alittle.py``): the quantile among the n - m honest workers.
 * :class:`IPM` -- inner-product manipulation (Xie, Koyejo & Gupta, UAI 2019, §4):
   every attacker sends ``-epsilon * mean(benign)``.
 * :class:`MinMax` -- AGR-agnostic Min-Max (Shejwalkar & Houmansadr, NDSS 2021, Eq. 5):
@@ -32,26 +35,47 @@ def _stack(updates: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([u.to(torch.float64) for u in updates])
 
 
-def alie_z(n: int, m: int) -> float:
-    """ALIE's ``z_max`` for ``n`` clients of which ``m`` are malicious (Baruch et al., Alg. 3)."""
+Z_RULES = ("paper", "honest")
+
+
+def alie_z(n: int, m: int, rule: str = "paper") -> float:
+    """ALIE's ``z_max`` for ``n`` clients of which ``m`` are malicious; ``s = floor(n/2 + 1) - m``
+    honest "supporters" are needed for a majority.
+
+    * ``"paper"`` (Baruch et al. 2019, Alg. 3): ``Phi^-1((n - s) / n)``;
+    * ``"honest"`` (reimplementations, e.g. epfml/byzantine-robust-noniid-optimizer):
+      ``Phi^-1((n - m - s) / (n - m))``. It is smaller, and 0 or negative when few of the
+      clients are malicious (n = 10: m = 2 gives 0, m = 1 gives -0.14), as those codes compute.
+
+    The probability is clipped to [1e-6, 1 - 1e-6] (``s <= 0``, a malicious majority, would give
+    z = inf); under ``"paper"`` also to >= 0.5, which only ``m = 0`` (no attacker) reaches.
+    """
+    if rule not in Z_RULES:
+        raise ValueError(f"attack.z_rule: '{rule}' is not one of {Z_RULES}")
     s = math.floor(n / 2 + 1) - m
-    p = (n - s) / n
-    p = min(max(p, 0.5), 1 - 1e-6)  # s <= 0 (a malicious majority) would give z = inf
+    p = (n - s) / n if rule == "paper" else (n - m - s) / max(n - m, 1)
+    p = min(max(p, 0.5 if rule == "paper" else 1e-6), 1 - 1e-6)
     return NormalDist().inv_cdf(p)
 
 
 class ALIE(ReplyTransform):
     """A Little Is Enough: ``mu - z * sigma`` for every attacker.
 
-    ``z=None`` uses :func:`alie_z`; ``stats_from`` picks the updates mu and sigma come from:
-    ``benign`` (omniscient, default), ``malicious`` (the attackers' own honest updates, the
-    paper's non-omniscient variant) or ``all``.
+    ``z=None`` uses :func:`alie_z` with ``z_rule`` (``paper``, default, or ``honest``, see the
+    module docstring); ``stats_from`` picks the updates mu and sigma come from: ``benign``
+    (omniscient, default), ``malicious`` (the attackers' own honest updates, the paper's
+    non-omniscient variant) or ``all``. ``n`` is the round's number of replies, ``m`` the
+    number of attackers among them.
     """
 
-    def __init__(self, z: float | None = None, stats_from: str = "benign") -> None:
+    def __init__(self, z: float | None = None, stats_from: str = "benign", z_rule: str = "paper") -> None:
         if stats_from not in ("benign", "malicious", "all"):
             raise ValueError("attack.stats_from: must be benign, malicious or all")
-        self.z, self.stats_from = z, stats_from
+        if z_rule not in Z_RULES:
+            raise ValueError(f"attack.z_rule: '{z_rule}' is not one of {Z_RULES}")
+        if z is not None and z_rule != "paper":
+            raise ValueError("attack.z_rule: only used when attack.z is null (a fixed z was given)")
+        self.z, self.stats_from, self.z_rule = z, stats_from, z_rule
 
     def apply(self, benign, malicious, rng):
         ref = {"benign": benign, "malicious": malicious, "all": benign + malicious}[self.stats_from]
@@ -59,7 +83,7 @@ class ALIE(ReplyTransform):
             return malicious
         x = _stack(ref)
         mu, sigma = x.mean(0), x.std(0, unbiased=False)
-        z = self.z if self.z is not None else alie_z(len(benign) + len(malicious), len(malicious))
+        z = self.z if self.z is not None else alie_z(len(benign) + len(malicious), len(malicious), self.z_rule)
         return [mu - z * sigma for _ in malicious]
 
 

@@ -164,7 +164,7 @@ def client_train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message
         {
             "arrays": record_from_torch(local_sd),
             "metrics": MetricRecord(
-                {"num-examples": int(len(y)), "train_loss": float(loss), "train_steps": int(total)}
+                {"num-examples": int(len(y)), "train_loss": float(loss), "train_steps": int(run.steps_taken)}
             ),
         }
     )

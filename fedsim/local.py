@@ -47,6 +47,7 @@ class LocalRun:
     partition_id: int
     server_round: int
     step: int = 0
+    steps_taken: int = 0  # optimizer steps actually taken (a batch a hook skipped is not one)
     batch: tuple[torch.Tensor, torch.Tensor] | None = None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
     extras: dict[str, Any] = field(default_factory=dict)  # scratch space shared by hooks
@@ -65,7 +66,8 @@ class TrainHook:
     def on_batch(
         self, run: LocalRun, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Transform a batch, or return ``None`` to skip it (it still counts as a step)."""
+        """Transform a batch, or return ``None`` to skip it (it uses up one of the
+        ``total_steps`` iterations but is no optimizer step: ``run.steps_taken`` omits it)."""
         return x, y
 
     def loss(self, run: LocalRun, loss: torch.Tensor) -> torch.Tensor:
@@ -202,5 +204,5 @@ def train_loop(
             h.on_step(run)
         total += float(loss.detach())
         counted += 1
-    run.batch = None
+    run.batch, run.steps_taken = None, counted
     return total / max(counted, 1)

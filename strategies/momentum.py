@@ -32,22 +32,30 @@ local gradients; clients not sampled keep c_i) and upload Delta c_i = c_i^{r+1} 
 beta = 1 this is exactly [SCAF] option II, c_i^+ = c_i - c + (x - y_i) / (K eta), because
 x - y_i = eta * sum_k (grad_k - c_i + c). The server, with Delta_i = x_i^{r,K} - x^r, does
 
-    g^{r+1} = sum_{i in S_r} w_i (x^r - x_i^{r,K}) / (eta K_i)      w_i = 1/S (paper) or n_i / sum n
+    g^{r+1} = sum_{i in S_r} w_i (x^r - x_i^{r,K_i}) / (eta * Kbar)   Kbar = sum_i w_i K_i
     x^{r+1} = x^r - gamma * g^{r+1}
     c^{r+1} = c^r + (1/N) sum_{i in S_r} Delta c_i                   (control-variate methods)
 
-with g^0 = 0 (or a first round at beta = 1, see below), c^0 = c_i^0 = 0. ``gamma`` is the
-paper's global step in gradient units; by default it is derived from a dimensionless server lr,
-gamma = global_lr * eta * K, so that
-x^{r+1} = x^r + global_lr * sum_i w_i Delta_i: FedAvg-M with beta = 1 *is* FedAvg with server lr
-``global_lr`` (and SCAFFOLD's eta_g = global_lr), which the tests check.
+w_i = 1/S (the papers) or n_i / sum n; K_i is the number of local steps client i actually took.
+With a common K (``client.steps``, the papers' setting) this is exactly [CHWY]'s
+g^{r+1} = (1/(eta K S)) sum_i (x^r - x_i^{r,K}). With unequal K_i (``client.epochs`` on unequal
+partitions, or an attack hook skipping batches) g^{r+1} stays what the paper says it is, the
+(w-weighted) mean of *all* local directions d_i^{r,k} taken in the round, and the model step
+stays x^{r+1} = x^r - gamma g^{r+1}; no per-client 1/K_i rescaling (that would be FedNova, a
+different algorithm). With g^0 = 0 (or a first round at beta = 1, see below), c^0 = c_i^0 = 0.
+``gamma`` is the paper's global step in gradient units; by default it is derived from a
+dimensionless server lr, gamma = global_lr * eta * Kbar, so that
+x^{r+1} = x^r + global_lr * sum_i w_i Delta_i for every K_i: [SCAF]'s x + eta_g mean Delta y,
+and FedAvg-M with beta = 1 *is* FedAvg with server lr ``global_lr``, which the tests check.
 
 What was verified, and what was not
 -----------------------------------
 * SCAFFOLD: [SCAF] Alg. 1 (local step y <- y - eta_l (g_i(y) - c_i + c); option II;
   x <- x + eta_g * mean Delta y; c <- c + (|S|/N) * mean Delta c) -- checked against the
   published algorithm box structure and several independent implementations; the 1/N update
-  keeps c = mean_i c_i under partial participation.
+  keeps c = mean_i c_i under partial participation. tests/test_scaffold_reference.py runs
+  fedsim's SCAFFOLD through the harness and an independent implementation of Alg. 1 on the same
+  data, sampled clients and batches (unequal K_i): they agree to float32 round-off.
 * FedAvg-M / SCAFFOLD-M: the algorithm boxes of arXiv 2306.16504 could NOT be read (the stored
   copies available to us expose only the title, abstract and introduction). The rules above are
   the ones in the project spec (specs/algorithms.md Sec. 2.1-2.2), which agree with the OpenReview
@@ -95,8 +103,9 @@ zero) and is the only thing kept: no optimizer state, no model copy.
 
 Deviations / choices: local steps are plain SGD (``client.momentum`` must be 0: a local heavy
 ball would be a different algorithm); weight decay is folded into grad (so into c_i) instead of
-being applied by the optimizer; K_i is the client's reported ``train_steps`` (fixed
-``client.steps`` gives the paper's common K); BN buffers (if any) are averaged like parameters
+being applied by the optimizer; K_i is the client's reported ``train_steps``, the steps it
+actually took (fixed ``client.steps`` gives the paper's common K; an attack hook that skips a
+batch takes no step there, and c_i averages over the same steps); BN buffers (if any) are averaged like parameters
 and carry no control variate; a client whose reply is dropped as non-finite has still updated
 its c_i (the server then skips its Delta c_i).
 """
@@ -137,19 +146,29 @@ def normalized_weights(num_examples: np.ndarray, weighting: str) -> np.ndarray:
     return w / w.sum()
 
 
-def momentum_estimate(updates: np.ndarray, steps: np.ndarray, lr: float, weights: np.ndarray) -> np.ndarray:
-    """g^{r+1} = sum_i w_i (x^r - x_i^{r,K}) / (eta K_i)  ([CHWY] Alg. 1/2, server step).
+def mean_steps(steps: np.ndarray, weights: np.ndarray) -> float:
+    """Kbar = sum_i w_i K_i: the (weighted) mean number of local steps of the round."""
+    return float(np.dot(np.asarray(weights, dtype=np.float64), np.asarray(steps, dtype=np.float64)))
 
-    ``updates`` rows are Delta_i = x_i^{r,K} - x^r, so this is -sum_i w_i Delta_i / (eta K_i): the
-    weighted mean of the clients' average local directions d_i^{r,k}.
+
+def momentum_estimate(updates: np.ndarray, steps: np.ndarray, lr: float, weights: np.ndarray) -> np.ndarray:
+    """g^{r+1} = sum_i w_i (x^r - x_i^{r,K_i}) / (eta * Kbar), Kbar = sum_i w_i K_i
+    ([CHWY] Alg. 1/2, server step: "the average of all local directions").
+
+    ``updates`` rows are Delta_i = x_i^{r,K_i} - x^r = -eta sum_k d_i^{r,k}, so g is
+    sum_i w_i sum_k d_i^{r,k} / sum_i w_i K_i: the mean over every local step of the round (each
+    client's steps weighted by w_i). For a common K this is the paper's (1/(eta K S)) sum_i
+    (x^r - x_i^{r,K}); for unequal K_i it does not rescale clients by 1/K_i (FedNova would).
     """
-    coef = np.asarray(weights, dtype=np.float64) / (lr * np.asarray(steps, dtype=np.float64))
-    return -(coef @ updates)
+    kbar = mean_steps(steps, weights)
+    if kbar <= 0:
+        raise ValueError("no local step was taken this round (sum_i w_i K_i = 0): g is undefined")
+    return -(np.asarray(weights, dtype=np.float64) @ updates) / (lr * kbar)
 
 
 def effective_gamma(global_lr: float, lr: float, steps: np.ndarray, weights: np.ndarray) -> float:
-    """gamma = global_lr * eta * K (K = weighted mean of K_i), so x^{r+1} = x^r + global_lr * mean Delta."""
-    return float(global_lr * lr * float(np.dot(weights, steps)))
+    """gamma = global_lr * eta * Kbar, so x^{r+1} = x^r - gamma g^{r+1} = x^r + global_lr * sum_i w_i Delta_i."""
+    return float(global_lr * lr * mean_steps(steps, weights))
 
 
 def server_step(x: np.ndarray, g: np.ndarray, gamma: float) -> np.ndarray:
@@ -252,6 +271,7 @@ class MomentumFamily(UpdateStrategy):
         self.lr: float | None = None  # eta, read from the train config
         self.weight_decay: float | None = None
         self.history: list[dict[str, float]] = []  # per-round gamma, |g|, |c| (for inspection)
+        self._warned_steps = False
 
     @property
     def _keeps_prev(self) -> bool:
@@ -300,11 +320,23 @@ class MomentumFamily(UpdateStrategy):
             self.prev_vec = x if self._keeps_prev else None
             return None
         steps = np.array(
-            [float(m.content.metric_records["metrics"].get("train_steps", 0)) for m in ru.replies]
+            [float(m.content.metric_records["metrics"].get("train_steps", -1)) for m in ru.replies]
         )
-        if (steps <= 0).any():
-            raise ValueError("a client reported train_steps <= 0; K_i is needed for g = (x - x_i)/(eta K_i)")
+        if (steps < 0).any():
+            raise ValueError("a client replied without train_steps (K_i, the local steps it took)")
         w = normalized_weights(ru.num_examples, self.weighting)
+        if mean_steps(steps, w) <= 0:  # nobody took a step (e.g. every batch skipped by a hook)
+            log.warning("round %d: no client took a local step; the model and g are kept", server_round)
+            self.last_gamma = 0.0
+            self.prev_vec = x if self._keeps_prev else None
+            return None
+        if not self._warned_steps and steps.min() != steps.max():
+            self._warned_steps = True
+            log.info(
+                "%s: clients took unequal local steps K_i (%d..%d in round %d); the server step is "
+                "x + global_lr * mean Delta_i and g the mean over all local steps (set client.steps "
+                "for the papers' common K)", type(self).__name__, steps.min(), steps.max(), server_round,
+            )
         g_new = momentum_estimate(ru.updates, steps, float(self.lr), w)
         gamma = self.gamma if self.gamma is not None else effective_gamma(self.global_lr, self.lr, steps, w)
         if self.control:
@@ -472,9 +504,12 @@ class MomentumLocal(LocalAlgorithm):
 
     def on_end(self, run: LocalRun, reply: RecordDict) -> None:
         if self.grad_sum is not None:
-            k = max(self.seen, 1)
-            new_ci = {n: (s / k).detach().cpu() for n, s in self.grad_sum.items()}
             old = self.c_i
+            if self.seen > 0:  # c_i^{r+1} = mean of the raw gradients of the steps taken
+                new_ci = {n: (s / self.seen).detach().cpu() for n, s in self.grad_sum.items()}
+            else:  # no step taken (every batch skipped): nothing observed, c_i unchanged
+                new_ci = {n: (old[n].cpu() if old is not None else torch.zeros_like(s).cpu()) for n, s in
+                          self.grad_sum.items()}
             delta = {n: v - (old[n].cpu() if old is not None else 0.0) for n, v in new_ci.items()}
             run.state[CI_KEY] = ArrayRecord(torch_state_dict=new_ci)
             reply[DC_KEY] = ArrayRecord(torch_state_dict=delta)
@@ -525,6 +560,7 @@ __all__ = [
     "MomentumLocal",
     "momentum_estimate",
     "effective_gamma",
+    "mean_steps",
     "server_step",
     "control_update",
     "round_shift",

@@ -7,6 +7,7 @@ Both aggregate the round's updates ``Delta_i = x_i - x`` (:class:`UpdateStrategy
 from __future__ import annotations
 
 import numpy as np
+from flwr.app import ArrayRecord
 
 from strategies.common import RoundUpdates, UpdateStrategy
 
@@ -93,9 +94,32 @@ def foolsgold_weights(history: np.ndarray, kappa: float = 1.0) -> np.ndarray:
     return np.clip(np.nan_to_num(wv, nan=0.0, neginf=0.0), 0.0, 1.0)
 
 
+def output_layer_slice(template: ArrayRecord) -> slice:
+    """Where the output layer's weight lies in :func:`strategies.common.flatten_record`'s vector:
+    the last floating-point array with two or more dimensions (the final Linear's weight matrix;
+    its bias is left out, as in the FoolsGold authors' ``client_grads[i][-2]``)."""
+    pos, found = 0, None
+    for arr in template.values():
+        if "float" not in arr.dtype:
+            continue
+        size = int(np.prod(arr.shape)) if arr.shape else 1
+        if len(arr.shape) >= 2:
+            found = slice(pos, pos + size)
+        pos += size
+    if found is None:
+        raise ValueError("strategy.similarity=output: the model has no weight matrix (no float array with ndim >= 2)")
+    return found
+
+
 class FoolsGold(UpdateStrategy):
     """FoolsGold: ``x + sum_i alpha_i Delta_i / Z`` with :func:`foolsgold_weights` on each
     client's running sum of updates.
+
+    ``similarity`` picks what the cosine similarities are measured on: ``all`` (every
+    parameter, the paper's Alg. 1; default) or ``output`` (the output layer's weight matrix
+    only, as the authors' deep-learning code does: ``DistributedML/FoolsGold``,
+    ``deep-fg/fg/trainer.py``, ``aggregate_gradients`` keeps its memory of ``client_grads[i][-2]``,
+    the last layer's weight; the weighted sum still covers every parameter).
 
     The paper adds ``sum_i alpha_i Delta_i`` to the model, where each ``Delta_i`` is one SGD
     gradient step. With multi-step local updates the sum over clients overshoots, so ``Z``
@@ -105,11 +129,13 @@ class FoolsGold(UpdateStrategy):
     whose weight was 0 in the last round ``sybil``.
     """
 
-    def __init__(self, kappa: float = 1.0, normalize: str = "n", **kwargs) -> None:
+    def __init__(self, kappa: float = 1.0, normalize: str = "n", similarity: str = "all", **kwargs) -> None:
         super().__init__(**kwargs)
         if normalize not in ("n", "weights", "none"):
             raise ValueError("strategy.normalize: must be n, weights or none")
-        self.kappa, self.normalize = float(kappa), normalize
+        if similarity not in ("all", "output"):
+            raise ValueError(f"strategy.similarity: must be all or output (got '{similarity}')")
+        self.kappa, self.normalize, self.similarity = float(kappa), normalize, similarity
         self.history: dict[int, np.ndarray] = {}
         self.last_weights: dict[int, float] = {}
 
@@ -119,8 +145,9 @@ class FoolsGold(UpdateStrategy):
     def aggregate_updates(self, server_round: int, ru: RoundUpdates) -> np.ndarray | None:
         if not ru.node_ids:
             return None
+        part = slice(None) if self.similarity == "all" else output_layer_slice(self.global_arrays)
         for node, u in zip(ru.node_ids, ru.updates):
-            self.history[node] = self.history.get(node, 0.0) + u
+            self.history[node] = self.history.get(node, 0.0) + u[part]
         w = foolsgold_weights(np.stack([self.history[n] for n in ru.node_ids]), self.kappa)
         self.last_weights = dict(zip(ru.node_ids, w.tolist()))
         z = {"n": len(w), "weights": w.sum(), "none": 1.0}[self.normalize]
@@ -131,4 +158,4 @@ class FoolsGold(UpdateStrategy):
     checkpoint_attrs = ("history", "last_weights", "dropped")  # fedsim.checkpoint
 
 
-__all__ = ["geometric_median", "GeoMed", "foolsgold_weights", "FoolsGold"]
+__all__ = ["geometric_median", "GeoMed", "foolsgold_weights", "output_layer_slice", "FoolsGold"]

@@ -147,14 +147,38 @@ def _benign(n: int = 8, d: int = 50, seed: int = 0) -> list[torch.Tensor]:
     return [base + 0.3 * torch.randn(d, generator=g, dtype=torch.float64) for _ in range(n)]
 
 
+# Phi^-1 values computed independently (scipy.stats.norm.ppf), s = floor(n/2 + 1) - m:
+# paper  Phi^-1((n - s)/n):           n=10,m=2: Phi^-1(0.6) = 0.2533471031; n=50,m=12: Phi^-1(0.72) = 0.5828415073
+# honest Phi^-1((n - m - s)/(n - m)): n=10,m=2: Phi^-1(0.5) = 0;  n=50,m=12: Phi^-1(24/38) = 0.3360381404;
+#                                     n=10,m=1: Phi^-1(4/9) = -0.1397102989
+Z_PAPER_10_2, Z_PAPER_50_12, Z_HONEST_50_12, Z_HONEST_10_1 = 0.2533471031, 0.5828415073, 0.3360381404, -0.1397102989
+
+
+def test_alie_z_rules_against_independent_values():
+    assert alie_z(10, 2) == pytest.approx(Z_PAPER_10_2, abs=1e-9)
+    assert alie_z(50, 12) == pytest.approx(Z_PAPER_50_12, abs=1e-9)
+    assert alie_z(50, 12, "honest") == pytest.approx(Z_HONEST_50_12, abs=1e-9)
+    assert alie_z(10, 2, "honest") == pytest.approx(0.0, abs=1e-12)
+    assert alie_z(10, 1, "honest") == pytest.approx(Z_HONEST_10_1, abs=1e-9)
+    with pytest.raises(ValueError, match="attack.z_rule"):
+        alie_z(10, 2, "reimpl")
+    with pytest.raises(ValueError, match="attack.z_rule"):
+        ALIE(z_rule="nope")
+    with pytest.raises(ValueError, match="attack.z_rule"):
+        ALIE(z=1.0, z_rule="honest")  # a fixed z leaves nothing for the rule to do
+
+
 def test_alie_is_mean_minus_z_sigma():
-    # Baruch et al.: n = 50, m = 12 -> s = 14, z = Phi^-1(36 / 50) ~ 0.58
-    assert abs(alie_z(50, 12) - 0.5828) < 1e-3
-    benign, mal = _benign(), _benign(2, seed=9)
+    benign, mal = _benign(), _benign(2, seed=9)  # n = 10, m = 2
     out = ALIE().apply(benign, mal, rng())
     x = torch.stack(benign)
-    z = alie_z(10, 2)
-    assert len(out) == 2 and torch.allclose(out[0], x.mean(0) - z * x.std(0, unbiased=False))
+    mu, sd = x.mean(0), x.std(0, unbiased=False)
+    assert len(out) == 2 and torch.allclose(out[0], mu - Z_PAPER_10_2 * sd)
+    assert torch.allclose(out[1], out[0])
+    assert torch.allclose(ALIE(z_rule="honest").apply(benign, mal, rng())[0], mu)  # z = 0 at n=10, m=2
+    out_h = ALIE(z_rule="honest").apply(_benign(9), _benign(1, seed=9), rng())[0]  # n = 10, m = 1
+    x9 = torch.stack(_benign(9))
+    assert torch.allclose(out_h, x9.mean(0) - Z_HONEST_10_1 * x9.std(0, unbiased=False))
     assert torch.allclose(ALIE(z=1.0).apply(benign, mal, rng())[1], x.mean(0) - x.std(0, unbiased=False))
     own = ALIE(z=1.0, stats_from="malicious").apply(benign, mal, rng())[0]
     assert torch.allclose(own, torch.stack(mal).mean(0) - torch.stack(mal).std(0, unbiased=False))

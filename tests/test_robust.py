@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 
 from strategies.common import RoundUpdates
-from strategies.robust import FoolsGold, GeoMed, foolsgold_weights, geometric_median
+from strategies.robust import FoolsGold, GeoMed, foolsgold_weights, geometric_median, output_layer_slice
 
 
 def test_geometric_median_on_a_line_and_robustness():
@@ -67,6 +68,43 @@ def test_foolsgold_strategy_flags_sybils_and_normalises():
         FoolsGold(normalize="mean")
 
 
+def _template() -> ArrayRecord:
+    """A 2-layer MLP's arrays in state_dict order: w1 [4, 3], b1 [4], w2 [2, 4], b2 [2] (d = 30)."""
+    shapes = {"w1": (4, 3), "b1": (4,), "w2": (2, 4), "b2": (2,)}
+    return ArrayRecord({k: Array(np.zeros(v, dtype=np.float32)) for k, v in shapes.items()})
+
+
+def test_output_layer_slice_is_the_last_weight_matrix():
+    assert output_layer_slice(_template()) == slice(16, 24)  # after w1 (12) and b1 (4); b2 excluded
+    with pytest.raises(ValueError, match="strategy.similarity"):
+        output_layer_slice(ArrayRecord({"b": Array(np.zeros(3, dtype=np.float32))}))
+
+
+def test_foolsgold_output_layer_similarity_option():
+    """Two sybils that agree only on the output layer's weights: invisible to the paper's
+    similarity over all parameters, caught by the authors' code's output-layer similarity. The
+    aggregate still sums every parameter of every update."""
+    r = np.random.default_rng(5)
+    common_out = r.normal(size=8)
+    vecs = [r.normal(size=30) for _ in range(4)]
+    for _ in range(2):
+        v = 5.0 * r.normal(size=30)  # large, unrelated hidden-layer parts
+        v[16:24] = common_out
+        vecs.append(v)
+    results = {}
+    for similarity in ("all", "output"):
+        s = FoolsGold(similarity=similarity)
+        s.global_arrays, s.global_vec = _template(), np.zeros(30)
+        new = s.aggregate_updates(1, _ru(vecs))
+        w = np.array([s.last_weights[i] for i in range(6)])
+        assert np.allclose(new, (w[:, None] * np.stack(vecs)).sum(0) / 6)
+        results[similarity] = (s.flagged(), w, s.history[0].size)
+    assert results["all"][0] == {} and results["all"][1][4:].min() > 0.5 and results["all"][2] == 30
+    assert results["output"][0] == {4: "sybil", 5: "sybil"} and results["output"][2] == 8
+    with pytest.raises(ValueError, match="strategy.similarity"):
+        FoolsGold(similarity="last")
+
+
 def test_geomed_strategy_resists_outliers():
     r = np.random.default_rng(3)
     s = GeoMed(weighted=False)
@@ -78,3 +116,11 @@ def test_geomed_strategy_resists_outliers():
     s50 = GeoMed(weighted=False, maxiter=50, ftol=0.0)
     s50.global_vec = np.ones(10)
     assert np.linalg.norm(s50.aggregate_updates(1, _ru(vecs)) - 1.5) < 0.5
+
+
+def test_foolsgold_output_similarity_through_the_harness(run):
+    """The option reaches the strategy from the config and works on a real model's arrays."""
+    summary, rows, _ = run("strategy=foolsgold", "strategy.similarity=output", "participation=full",
+                           "client.num_threads=1")
+    assert [r["round"] for r in rows] == [1, 2, 3] and all(r["replied"] == 4 for r in rows)
+    assert summary["final_accuracy"] > 0.5  # digits, 4 clients, 3 rounds (chance 0.1)

@@ -121,9 +121,27 @@ def test_mudhog_run_records_ground_truth_and_detection(run):
     gt = summary["threat"]
     assert sum(len(g["ids"]) for g in gt["groups"].values()) == len(gt["assignment"]) == 6
     assert gt["groups"]["labelflip"]["detect_as"] == ["targeted"]
-    assert all("det_precision" in r and "det_group_signflip_recall" in r and "flagged" in r for r in rows)
+    # every round's scores, recomputed by hand from the round's flags and the ground truth
+    owner = {int(p): g for p, g in gt["assignment"].items()}
+    malicious = {p for p, g in owner.items() if gt["groups"][g]["kind"] == "malicious"}
+    assert malicious == {3, 5, 6, 7, 8}  # seed 0: signflip 3, noise 5 and 8, mlf 6, lf 7
+    for r in rows:
+        flags = {int(p): lab for p, lab in r["flagged"].items()}
+        flagged_mal = {p for p, lab in flags.items() if lab != "unreliable"}
+        tp, fp, fn = len(flagged_mal & malicious), len(flagged_mal - malicious), len(malicious - flagged_mal)
+        assert (r["det_tp"], r["det_fp"], r["det_fn"]) == (tp, fp, fn)
+        assert r["det_precision"] == (tp / (tp + fp) if tp + fp else None)
+        assert r["det_recall"] == pytest.approx(tp / (tp + fn))
+        for g in ("signflip", "noise", "labelflip"):
+            ids = gt["groups"][g]["ids"]
+            right = [p for p in ids if flags.get(p) in gt["groups"][g]["detect_as"]]
+            assert r[f"det_group_{g}_recall"] == pytest.approx(len(right) / len(ids)), (g, r)
+    assert rows[0]["flagged"] == {} and rows[0]["det_recall"] == 0.0  # tau0 = 1: no decision in round 1
+    assert rows[-1]["det_signflip_recall"] == 1.0 and rows[-1]["det_tp"] >= 2  # caught by round 3
     conf = summary["detection"]["confusion"]
     assert sum(sum(v.values()) for v in conf.values()) == 10
+    last = {int(p): lab for p, lab in rows[-1]["flagged"].items()}
+    assert conf["signflip"] == {"signflip": 1} and last[3] == "signflip"
     plain, rows2, _ = run("threat=mudhog_mix", "num_clients=10", *ONE_THREAD, name="fedavg")
     assert "threat" in plain and "detection" not in plain and "det_precision" not in rows2[0]
 
