@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
@@ -245,10 +245,26 @@ def _param(config: ConfigRecord, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def _prepare(msg: Message, context: Context, cfg: dict[str, Any], rt: Any) -> Job:
+def _globals(rec: Any, rt: Any, cache: dict[int, Tensors]) -> Tensors:
+    """The received global state dict as the model's dtypes and device (what
+    ``client_train``'s ``_load_global`` returns), converted once per distinct record: every
+    train message of a round usually carries the same one. Read only (stacking copies it)."""
+    sd = cache.get(id(rec))
+    if sd is None:
+        from fedsim.arrays import record_to_torch
+
+        ref = rt.model.state_dict()
+        got = record_to_torch(rec)
+        if set(got) != set(ref):
+            raise KeyError(f"global model keys differ from the model's: {sorted(set(got) ^ set(ref))[:5]}")
+        sd = cache[id(rec)] = {k: got[k].to(device=v.device, dtype=v.dtype).reshape(v.shape) for k, v in ref.items()}
+    return sd
+
+
+def _prepare(msg: Message, context: Context, cfg: dict[str, Any], rt: Any, cache: dict[int, Tensors]) -> Job:
     """Everything ``client_train`` does before its loop, for one client."""
     from fedsim import threat
-    from fedsim.client import _load_global, seed_torch
+    from fedsim.client import seed_torch
     from fedsim.seeding import derive_seed, np_rng
 
     pid = int(context.node_config["partition-id"])
@@ -256,7 +272,7 @@ def _prepare(msg: Message, context: Context, cfg: dict[str, Any], rt: Any) -> Jo
     server_round = int(_param(config, "server-round", 0))
     seed, ccfg = int(cfg["seed"]), cfg["client"]
     seed_torch(derive_seed(seed, "client-torch", server_round, pid))
-    global_sd = _load_global(rt.model, msg.content.array_records["arrays"], rt.device)
+    global_sd = _globals(msg.content.array_records["arrays"], rt, cache)
     x, y = rt.data.client(pid)
     attack = threat.client_attack(cfg.get("threat"), pid, cfg["num_clients"], seed)
     arng = np_rng(seed, "attack", server_round, pid) if attack is not None else None
@@ -304,10 +320,16 @@ def _schedule(jobs: list[Job], seed: int, bs: int) -> tuple[torch.Tensor, torch.
         n = len(j.y)
         gen = torch_gen(seed, "batches", j.run.server_round, j.pid)
         rows[:, c, :] = offset if n else 0
-        for t, idx in enumerate(batches(n, bs, j.total, gen)):
-            rows[t, c, : len(idx)] = idx + offset
-            weight[t, c, : len(idx)] = 1.0
-            active[t, c] = True
+        steps = list(batches(n, bs, j.total, gen))
+        full = [len(i) == bs for i in steps]
+        if all(full) and steps:  # the common case, in one copy
+            rows[: len(steps), c] = torch.stack(steps) + offset
+            weight[: len(steps), c] = 1.0
+        else:
+            for t, idx in enumerate(steps):
+                rows[t, c, : len(idx)] = idx + offset
+                weight[t, c, : len(idx)] = 1.0
+        active[: len(steps), c] = True
         offset += n
     return rows, weight, active, torch.tensor([len(j.y) for j in jobs])
 
@@ -350,24 +372,37 @@ def train_chunk(jobs: list[Job], cfg: dict[str, Any], rt: Any) -> list[RecordDic
     hooked = [c for c, j in enumerate(jobs) if j.data_hooks]
     any_wd = bool((wd != 0).any())
 
-    def plain_loss(p: Tensors, o: Tensors, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def plain_loss(p: Tensors, o: Tensors, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        """client_train's loss: mean cross-entropy over the client's real samples of the batch."""
         out = functional_call(model, {**p, **o}, (x,))
+        if w is None:  # every sample of every client's batch is real: the plain mean
+            return nn.functional.cross_entropy(out, y)
         per = nn.functional.cross_entropy(out, y, reduction="none")
         return (per * w).sum() / w.sum().clamp_min(1.0)
 
-    def client_loss(p: Tensors, o: Tensors, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, aux: dict) -> torch.Tensor:
+    def client_loss(p: Tensors, o: Tensors, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, aux: dict) -> torch.Tensor:
         return form.loss(p, aux, plain_loss(p, o, x, y, w))
 
-    step_fn = vmap(grad_and_value(client_loss))
-    grad_fn = vmap(grad(plain_loss))
+    step_w, grad_w = vmap(grad_and_value(client_loss)), vmap(grad(plain_loss))
+    step_1 = vmap(grad_and_value(lambda p, o, x, y, aux: client_loss(p, o, x, y, None, aux)))
+    grad_1 = vmap(grad(lambda p, o, x, y: plain_loss(p, o, x, y, None)))
 
+    def step_fn(p: Tensors, o: Tensors, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, aux: dict):  # noqa: ANN202
+        return step_1(p, o, x, y, aux) if w is None else step_w(p, o, x, y, w, aux)
+
+    def grad_fn(p: Tensors, o: Tensors, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> Tensors:
+        return grad_1(p, o, x, y) if w is None else grad_w(p, o, x, y, w)
+    full_batch = weight.flatten(1).all(1).tolist()  # steps where no client has padding
+
+    lr_v, wd_v, mom_v = ({n: _view(v, params[n]) for n in names} for v in (lr, wd, mom))
+    mom_on = {n: _view(use_mom, params[n]) for n in names}
     form.on_start()
     aux = form.aux()
     loss_sum = torch.zeros(C, device=dev)
     counted = torch.zeros(C, device=dev)
     taken = torch.zeros(C, dtype=torch.bool)
     for t in range(rows.shape[0]):
-        xb, yb, w = x_all[rows[t]], y_all[rows[t]], weight[t]
+        xb, yb, w = x_all[rows[t]], y_all[rows[t]], (None if full_batch[t] else weight[t])
         act = active[t].clone()
         for c in hooked:  # data hooks: per client, before the step, in client_train's order
             if not act[c]:
@@ -395,21 +430,22 @@ def train_chunk(jobs: list[Job], cfg: dict[str, Any], rt: Any) -> list[RecordDic
         for n in names:
             p, d = params[n], grads[n]
             if any_wd:
-                d = d + _view(wd, p) * p
+                d = d + wd_v[n] * p
             if bufs:
                 b = bufs[n]
-                m = _view(mom, p)
-                upd = _view(use_mom, p) if full else _view(use_mom & act_d, p)
-                bufs[n] = torch.where(upd, m * b + d, b)
-                d = torch.where(_view(use_mom, p), bufs[n], d)
-            new = p - _view(lr, p) * d
+                upd = mom_on[n] if full else _view(use_mom & act_d, p)
+                bufs[n] = torch.where(upd, mom_v[n] * b + d, b)
+                d = torch.where(mom_on[n], bufs[n], d)
+            new = p - lr_v[n] * d
             params[n] = new if full else torch.where(_view(act_d, p), new, p)
         loss_sum += torch.where(act_d, loss.detach(), 0.0)
         counted += act_d
     mean_loss = (loss_sum / counted.clamp_min(1)).cpu()
 
-    from fedsim.arrays import record_from_torch
+    from fedsim.arrays import from_numpy, record_from_torch
 
+    final = {k: (params[k] if k in params else others[k]).detach().cpu() for k in keys}
+    final_np = {k: v.numpy() for k, v in final.items()}
     replies: list[RecordDict] = []
     for c, j in enumerate(jobs):
         if persist:
@@ -417,16 +453,21 @@ def train_chunk(jobs: list[Job], cfg: dict[str, Any], rt: Any) -> list[RecordDic
             j.context.state["optimizer"] = record_from_torch(
                 {str(index[n]): bufs[n][c].detach().cpu() for n in names} if has else {}
             )
-        local_sd = {k: (params[k][c] if k in params else others[k][c]).detach() for k in keys}
         if j.attack is not None:
-            g = j.global_sd
+            g = {k: v.cpu() for k, v in j.global_sd.items()}
+            local_sd = {k: final[k][c] for k in keys}
             delta = {k: local_sd[k] - g[k] for k in local_sd if local_sd[k].is_floating_point()}
             delta = j.attack.transform_update(delta, j.arng)
             local_sd = {k: (g[k] + delta[k] if k in delta else v) for k, v in local_sd.items()}
+            arrays = record_from_torch(local_sd)
+        else:
+            arrays = ArrayRecord()
+            for k in keys:
+                arrays[k] = from_numpy(final_np[k][c])
         replies.append(
             RecordDict(
                 {
-                    "arrays": record_from_torch(local_sd),
+                    "arrays": arrays,
                     "metrics": MetricRecord(
                         {"num-examples": int(len(j.y)), "train_loss": float(mean_loss[c]), "train_steps": int(j.total)}
                     ),
@@ -456,9 +497,10 @@ def train_batch(
     replies: dict[str, Message] = {}
     saved = {m.metadata.message_id: dict(contexts[m.metadata.dst_node_id].state.items()) for m in messages}
     jobs: list[Job] = []
+    cache: dict[int, Tensors] = {}
     for m in messages:
         try:
-            jobs.append(_prepare(m, contexts[m.metadata.dst_node_id], cfg, rt))
+            jobs.append(_prepare(m, contexts[m.metadata.dst_node_id], cfg, rt, cache))
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failing client is reported, never fatal
