@@ -24,6 +24,7 @@ from fedsim.data import FederatedData, load_federated
 from fedsim.local import LocalRun, get_local_algorithm, steps_for, train_loop
 from fedsim.models import build_model
 from fedsim.seeding import derive_seed, np_rng, torch_gen
+from fedsim.threads import apply_threads, resolve_threads
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,15 +64,13 @@ def get_runtime(cfg: dict[str, Any]) -> ClientRuntime:
     rt = _RUNTIMES.get(key)
     if rt is None:
         import_strategy_module(cfg)
-        threads = int(cfg["client"].get("num_threads", 0) or 0)
-        if threads > 0:
-            torch.set_num_threads(threads)
         from omegaconf import OmegaConf
 
         dcfg, pcfg = OmegaConf.create(cfg["dataset"]), OmegaConf.create(cfg["partition"])
         data = load_federated(dcfg, pcfg, cfg["num_clients"], cfg["seed"])
         device = resolve_device(cfg.get("device", "auto"))
         model = build_model(cfg["model"], data.in_shape, data.num_classes, cfg["seed"]).to(device)
+        apply_threads(resolve_threads(cfg["client"].get("num_threads"), model))  # "auto": see fedsim.threads
         rt = ClientRuntime(cfg, data, model, device)
         _RUNTIMES[key] = rt
     _LAST_RUNTIME.clear()

@@ -74,7 +74,7 @@ class ClientConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     persist_optimizer: bool = False  # keep SGD momentum buffers in context.state across rounds
-    num_threads: int = 0  # torch threads per client process (0 = leave as is)
+    num_threads: Any = "auto"  # torch threads per client process: auto | 0 (torch's default) | n (fedsim.threads)
 
 
 @dataclass
@@ -99,6 +99,8 @@ class EngineConfig:
     client_timeout: float | None = None  # seconds a client may run before it counts as failed
     num_actors: int | None = None  # ray: pool size (None = from the resources Ray reports)
     init_args: dict[str, Any] = field(default_factory=dict)  # extra ray.init kwargs
+    batched: bool = False  # ray: each actor trains its share of the round as one batch (fedsim.batched)
+    max_batch: int | None = None  # batched trainer: clients per vmap call (None = all at once)
 
 
 @dataclass
@@ -174,7 +176,7 @@ def register_configs() -> None:
 
 DATASETS = ("digits", "synthetic", "npz", "torchvision", "huggingface")
 PARTITIONS = ("iid", "dirichlet", "label_dirichlet", "pathological", "shard", "natural")
-ENGINES = ("inline", "ray", "flower")
+ENGINES = ("inline", "ray", "flower", "batched")
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -296,6 +298,9 @@ def validate(cfg: DictConfig) -> None:
     _check(c.lr > 0, "client.lr", f"must be > 0 (got {c.lr})")
     _check(0 <= c.momentum < 1, "client.momentum", "must be in [0, 1)")
     _check(c.weight_decay >= 0, "client.weight_decay", "must be >= 0")
+    from fedsim.threads import check_threads
+
+    _check(check_threads(c.num_threads) is None, "client.num_threads", str(check_threads(c.num_threads)))
     _check(cfg.eval.every >= 1, "eval.every", "must be >= 1")
     e = cfg.engine
     _check(e.name in ENGINES, "engine.name", f"'{e.name}' is not one of {ENGINES}")
@@ -314,6 +319,10 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(o.progress in ("auto", "bar", "plain"), "output.progress", f"'{o.progress}' is not one of auto, bar, plain")
     _check(not (o.resume and o.overwrite), "output.resume", "cannot be combined with output.overwrite=true")
+    _check(not e.batched or e.name == "ray", "engine.batched", f"only for engine=ray (use engine=batched, not {e.name})")
+    uses_batch = e.name == "batched" or (e.name == "ray" and e.batched)
+    _check(e.max_batch is None or uses_batch, "engine.max_batch", "only for engine=batched or engine.batched=true")
+    _check(e.max_batch is None or e.max_batch >= 1, "engine.max_batch", f"must be >= 1 or null (got {e.max_batch})")
     from fedsim import participation
 
     participation.validate(cfg.participation, cfg.num_clients)

@@ -567,3 +567,63 @@ __all__ = [
     "local_direction",
     "normalized_weights",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched form (engine=batched, engine.batched=true): the same local direction on [clients, ...]
+# ---------------------------------------------------------------------------------------------
+from fedsim.batched import BatchedLocal, BatchedStep, register_batched  # noqa: E402
+
+
+@register_batched(
+    FedAvgMomentumLocal, ScaffoldLocal, ScaffoldMomentumLocal, FedAvgMomentumVRLocal, ScaffoldMomentumVRLocal
+)
+class MomentumLocalBatched(BatchedLocal):
+    """:class:`MomentumLocal` on stacked tensors. Each client's own ``MomentumLocal`` computes
+    its round constants (shift = (1-beta) g - beta (c_i - c), x^{r-1} for VR) in ``on_start`` and
+    writes c_i / Delta c_i in ``on_end``; per step, every client's direction d (module table,
+    :func:`local_direction`) and raw-gradient sum are computed at once, masked clients left out."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        algos = [j.algo for j in self.jobs]
+        self.shift = {n: torch.stack([a.shift[n] for a in algos]) for n in self.names}
+        self.beta = self.col([a.beta for a in algos])
+        self.wd = self.col([a.wd for a in algos])
+        self.control = algos[0].control
+        self.grad_sum = {n: torch.zeros_like(s) for n, s in self.shift.items()} if self.control else None
+        self.seen = torch.zeros(len(algos), dtype=torch.long, device=self.device)
+        # VR: x^{r-1} per client (its global model where beta = 1: there (1 - beta) = 0 drops the term)
+        if algos[0].vr and any(a.prev is not None for a in algos):
+            self.prev = {
+                n: torch.stack([(a.prev[n] if a.prev is not None else j.global_sd[n]).detach() for a, j in zip(algos, self.jobs)])
+                for n in self.names
+            }
+        else:
+            self.prev = None
+
+    def on_grads(self, step: BatchedStep, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        grads_prev = step.grads_of(self.prev) if self.prev is not None else None
+        act = step.active
+        any_wd = bool((self.wd != 0).any())
+        out = {}
+        for n in self.names:
+            p, g = step.params[n], grads[n]
+            view = (-1,) + (1,) * (p.dim() - 1)
+            if any_wd:
+                g = g + self.wd.view(view) * p
+            if self.grad_sum is not None:
+                self.grad_sum[n] += torch.where(act.view(view), g, 0.0)
+            gp = None
+            if grads_prev is not None:
+                gp = grads_prev[n] + self.wd.view(view) * self.prev[n] if any_wd else grads_prev[n]
+            out[n] = local_direction(g, self.shift[n], self.beta.view(view), gp)
+        self.seen += act.long()
+        return out
+
+    def on_end(self, replies: list[RecordDict]) -> None:
+        for c, a in enumerate(j.algo for j in self.jobs):
+            a.seen = int(self.seen[c])
+            if self.grad_sum is not None:
+                a.grad_sum = {n: s[c] for n, s in self.grad_sum.items()}
+        super().on_end(replies)

@@ -10,7 +10,8 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-ENGINES = {"inline": "fedsim.engines.inline", "ray": "fedsim.engines.ray", "flower": "fedsim.engines.flower"}
+ENGINES = {"inline": "fedsim.engines.inline", "ray": "fedsim.engines.ray", "flower": "fedsim.engines.flower",
+           "batched": "fedsim.engines.batched"}
 
 
 def run_engine(cfg: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:

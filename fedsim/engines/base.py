@@ -46,12 +46,15 @@ def make_context(pid: int, num_clients: int) -> Context:
 
 
 def client_threads(cfg: dict) -> int:
-    """Torch threads per client process: ``client.num_threads``, else what the inline engine
-    would use (this process's count). Worker processes use the same number as inline, because
-    the thread count changes how matrix products are summed and so the last bits of results."""
+    """Torch threads per client worker process (a Ray or Flower actor): ``client.num_threads``;
+    ``"auto"`` (the default) is 1 (:mod:`fedsim.threads`); ``0`` is what the inline engine would
+    use (this process's count), because the thread count changes how matrix products are summed
+    and so the last bits of results."""
     import torch
 
-    return int(cfg["client"].get("num_threads") or 0) or torch.get_num_threads()
+    from fedsim.threads import resolve_threads
+
+    return resolve_threads(cfg["client"].get("num_threads"), worker=True) or torch.get_num_threads()
 
 
 def warm_up(cfg: dict) -> None:

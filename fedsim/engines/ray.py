@@ -211,6 +211,8 @@ def pool_size(resources: dict[str, float], num_actors: int | None, num_clients: 
 class RayGrid(LocalGrid):
     """Delivers each Message to a free actor with that node's Context; see the module docstring."""
 
+    actor_class: type = ClientActor  # the batched grid (fedsim.engines.ray_batched) uses a subclass
+
     def __init__(self, cfg: dict[str, Any], num_clients: int, data: Any = None) -> None:
         eng = cfg["engine"]
         self.data_ref = None if data is None else ray.put(data)  # one copy in the object store for all actors
@@ -220,7 +222,7 @@ class RayGrid(LocalGrid):
         self.num_cpus = float(res.get("num_cpus", 1.0))
         self.num_gpus = float(res.get("num_gpus", 0.0))
         self.threads = client_threads(cfg)
-        self.actor_cls = ray.remote(ClientActor).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
+        self.actor_cls = ray.remote(self.actor_class).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
         super().__init__(num_clients)
         self.size = size = pool_size(res, eng.get("num_actors"), num_clients)
         actors = [self._new_actor() for _ in range(size)]
@@ -403,7 +405,10 @@ def run(cfg: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:
 
         # loaded once, here (run_server finds it cached) and shared with every actor
         data = load_federated(OmegaConf.create(cfg["dataset"]), OmegaConf.create(cfg["partition"]), cfg["num_clients"], cfg["seed"])
-        grid = RayGrid(cfg, cfg["num_clients"], data)
+        grid_cls = RayGrid
+        if cfg["engine"].get("batched"):  # engine.batched=true: one batch of clients per actor
+            from fedsim.engines.ray_batched import BatchedRayGrid as grid_cls
+        grid = grid_cls(cfg, cfg["num_clients"], data)
         try:
             return run_server(grid, cfg, run_dir, engine="ray")
         finally:
