@@ -42,7 +42,7 @@ def flame_admitted(distances: np.ndarray) -> np.ndarray:
     if n < 3:
         return np.arange(n)
     labels = HDBSCAN(
-        min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True
+        min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True, copy=True
     ).fit_predict(distances)
     clusters = [c for c in np.unique(labels) if c >= 0]
     if not clusters:
