@@ -198,8 +198,12 @@ def client_attack(threat_cfg: Any, pid: int, num_clients: int, seed: int, server
 # --------------------------------------------------------------------------------------------
 def _schedule(group: Any) -> dict[str, Any]:
     s = _plain(group.get("schedule")) or {}
-    return {"start": int(s.get("start", 1) or 1), "stop": s.get("stop"), "every": int(s.get("every", 1) or 1),
-            "sample": bool(s.get("sample", False))}
+
+    def get(key: str, default: Any) -> Any:
+        return default if s.get(key) is None else s[key]
+
+    return {"start": int(get("start", 1)), "stop": s.get("stop"), "every": int(get("every", 1)),
+            "sample": bool(get("sample", False))}
 
 
 def in_schedule(group: Any, server_round: int) -> bool:
