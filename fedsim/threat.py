@@ -88,13 +88,16 @@ def validate(threat_cfg: Any, num_clients: int) -> None:
         total += len(g["ids"]) if has_ids else int(round(float(g["fraction"]) * num_clients))
         if g.get("attack") is not None:
             _check_target(g["attack"], f"{key}.attack")
-            _check_attack_type(g["attack"], f"{key}.attack", kind)
+            _check_attack_type(g["attack"], f"{key}.attack", kind, _plain(g.get("schedule")))
         _validate_schedule(g, key)
     if total > num_clients:
         raise ConfigError(f"threat.groups: {total} attackers but only {num_clients} clients")
 
 
-def _check_attack_type(node: Any, key: str, kind: str) -> None:
+_DEFAULT_SCHEDULE = {"start": 1, "stop": None, "every": 1, "sample": False}
+
+
+def _check_attack_type(node: Any, key: str, kind: str, schedule: Any = None) -> None:
     from hydra.utils import get_class
 
     from attacks.base import ClientAttack, ReplyTransform
@@ -108,6 +111,9 @@ def _check_attack_type(node: Any, key: str, kind: str) -> None:
         raise ConfigError(f"{key}._target_: {cls.__name__} is neither a ClientAttack nor a ReplyTransform")
     if issubclass(cls, ReplyTransform) and kind != "malicious":
         raise ConfigError(f"{key}: a colluding ReplyTransform needs kind: malicious")
+    if issubclass(cls, ReplyTransform) and schedule not in (None, {}, _DEFAULT_SCHEDULE):
+        raise ConfigError(f"{key[: -len('.attack')]}.schedule: colluding ReplyTransform groups attack every round "
+                          "(schedules apply to client attacks)")
 
 
 _ASSIGNED: dict[str, dict[int, str]] = {}

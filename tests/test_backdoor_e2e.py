@@ -51,6 +51,10 @@ def test_schedule_and_checkpoint_config_errors(cfg_of, tmp_path):
         prepare(cfg_of("threat=model_replacement", "threat.groups.0.schedule.every=0"))
     with pytest.raises(ConfigError, match="init.checkpoint"):
         prepare(cfg_of(f"init.checkpoint={tmp_path / 'nope.pt'}"))
+    with pytest.raises(ConfigError, match=r"threat.groups\[0\].schedule: colluding"):
+        prepare(cfg_of("threat=alie", "threat.groups.0.schedule.every=10"))
+    with pytest.raises(ConfigError, match=r"schedule.stop"):
+        prepare(cfg_of("threat=neurotoxin", "threat.groups.0.schedule.start=5", "threat.groups.0.schedule.stop=3"))
 
 
 def test_init_checkpoint_loads_and_refuses_mismatch(run, tmp_path):
