@@ -18,6 +18,9 @@ Vectors: the trainable parameters only (``vectorize_net`` = ``net.parameters()``
 buffers). ``use_weights=True`` (default, the authors' code) scores the full local weights
 x + Delta_i; ``False`` scores the updates Delta_i (the paper's Fig. 2). The Manhattan feature is
 the same either way. The kept clients' whole models (buffers included) are averaged.
+
+Small rounds: at least one client is kept (the code's ``int(0.3 n)`` is 0 for n < 4 and would
+average nothing); with fewer than 3 replies there is nothing to compare and all are kept.
 """
 
 from __future__ import annotations
