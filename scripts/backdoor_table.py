@@ -57,16 +57,30 @@ def _run(overrides: list[str], run_dir: Path) -> dict:
     return summary
 
 
-def table(out: Path) -> dict:
+def _cells(out: Path, at_round: int | None) -> dict:
+    """``{strategy__attack: {ma, ba}}`` in %, from the final summary (``at_round=None``) or from
+    the ``metrics.jsonl`` row of round ``at_round``."""
     cells = {}
     for s in STRATEGIES:
         for a in ["none", *ATTACKS]:
-            f = out / f"{s}__{a}" / "summary.json"
-            if f.exists():
-                d = json.loads(f.read_text())
-                cells[f"{s}__{a}"] = {"ma": 100 * d["final_accuracy"],
-                                      "ba": None if d.get("backdoor_accuracy") is None else 100 * d["backdoor_accuracy"],
-                                      "ba_max": None if d.get("backdoor_accuracy_max") is None else 100 * d["backdoor_accuracy_max"]}
+            d = out / f"{s}__{a}"
+            if not (d / "summary.json").exists():
+                continue
+            if at_round is None:
+                js = json.loads((d / "summary.json").read_text())
+                ma, ba = js["final_accuracy"], js.get("backdoor_accuracy")
+            else:
+                rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x]
+                row = next((r for r in rows if r["round"] == at_round), None)
+                if row is None or row.get("test_accuracy") is None:
+                    continue
+                ma, ba = row["test_accuracy"], row.get("backdoor_accuracy")
+            cells[f"{s}__{a}"] = {"ma": 100 * ma, "ba": None if ba is None else 100 * ba}
+    return cells
+
+
+def markdown(cells: dict) -> str:
+    """Defense x attack MA/BA, the ranking score against FedAvg and the mean MA."""
     lines = ["| defense | " + " | ".join(f"{a} MA/BA" for a in ATTACKS) + " | rank score | mean MA |",
              "|---|" + "---|" * (len(ATTACKS) + 2)]
     ref = [cells.get(f"fedavg__{a}") for a in ATTACKS]
@@ -79,8 +93,13 @@ def table(out: Path) -> dict:
         else:
             sc, mean_ma = "-", "-"
         lines.append(f"| {NAMES[s]} | {txt} | {sc} | {mean_ma} |")
-    md = "\n".join(lines)
-    return {"cells": cells, "markdown": md}
+    return "\n".join(lines)
+
+
+def table(out: Path, rounds: int = 11) -> dict:
+    final, before = _cells(out, None), _cells(out, rounds - 1)
+    return {"final": final, "before_last_attack": before, "markdown_final": markdown(final),
+            "markdown_before_last_attack": markdown(before)}
 
 
 def main() -> None:
@@ -115,7 +134,10 @@ def main() -> None:
     res = table(out)
     (out / "table.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps(res, indent=2))
-    print(res["markdown"])
+    print("final round (an attack round):")
+    print(res["markdown_final"])
+    print("one round earlier (9 rounds after the previous attack):")
+    print(res["markdown_before_last_attack"])
 
 
 if __name__ == "__main__":
