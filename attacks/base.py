@@ -42,6 +42,10 @@ class ClientAttack:
     def transform_update(self, delta: Update, rng: np.random.Generator) -> Update:
         return delta
 
+    def parts(self) -> list[ClientAttack]:
+        """The elementary attacks this one is made of (itself; a :class:`Chain` its members)."""
+        return [self]
+
 
 class Chain(ClientAttack):
     """Apply several attacks in order (optax-style composition)."""
@@ -61,6 +65,9 @@ class Chain(ClientAttack):
         for a in self.attacks:
             delta = a.transform_update(delta, rng)
         return delta
+
+    def parts(self) -> list[ClientAttack]:
+        return [p for a in self.attacks for p in a.parts()]
 
 
 class ReplyTransform:

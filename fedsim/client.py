@@ -112,7 +112,7 @@ def client_train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message
     model, device = rt.model, rt.device
     global_sd = _load_global(model, msg.content.array_records["arrays"], device)
     x, y = rt.data.client(pid)
-    attack = threat.client_attack(cfg.get("threat"), pid, cfg["num_clients"], seed)
+    attack = threat.client_attack(cfg.get("threat"), pid, cfg["num_clients"], seed, server_round)
     arng = np_rng(seed, "attack", server_round, pid) if attack is not None else None
     if attack is not None:
         x, y = attack.transform_data(x, y, arng)

@@ -118,6 +118,16 @@ class ParticipationConfig:
 
 
 @dataclass
+class AttackScheduleConfig:
+    """Rounds a threat group attacks in (outside them its members train honestly)."""
+
+    start: int = 1  # first attack round (a clean warm-up of start - 1 rounds)
+    stop: int | None = None  # last attack round (None = to the end; later rounds measure durability)
+    every: int = 1  # attack in rounds start, start + every, ... (paper: start 1, every 10)
+    sample: bool = False  # the members train exactly in their attack rounds (fixed-frequency mode)
+
+
+@dataclass
 class ThreatGroupConfig:
     """One attacker group of the threat model (see :mod:`fedsim.threat`)."""
 
@@ -127,6 +137,7 @@ class ThreatGroupConfig:
     ids: list[int] | None = None  # explicit partition ids
     attack: Any = None  # _target_ node: a ClientAttack or a ReplyTransform (colluding)
     detect_as: list[str] | None = None  # detector labels that count as the right type (default [name])
+    schedule: AttackScheduleConfig = field(default_factory=AttackScheduleConfig)
 
 
 @dataclass
@@ -148,6 +159,13 @@ class OutputConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where the initial global model comes from."""
+
+    checkpoint: str | None = None  # a state_dict saved with torch.save (e.g. a run's model.pt)
+
+
+@dataclass
 class FedsimConfig:
     """The whole experiment. ``fedsim --cfg job`` prints the composed instance."""
 
@@ -161,6 +179,7 @@ class FedsimConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     num_clients: int = 10
     rounds: int = 10
     seed: int = 0
@@ -334,6 +353,9 @@ def validate(cfg: DictConfig) -> None:
 
     _check_target(cfg.model, "model", base=nn.Module, base_name="torch.nn.Module")
     _check_target(cfg.strategy, "strategy", base=Strategy, base_name="flwr.serverapp.strategy.Strategy")
+    ckpt = cfg.get("init", {}).get("checkpoint")
+    if ckpt is not None:
+        _check(Path(ckpt).is_file(), "init.checkpoint", f"file not found: {ckpt}")
     from fedsim.setup_checks import check_setup  # builds the strategy: Flower's and its own constraints
 
     check_setup(cfg)

@@ -32,7 +32,11 @@ log = logging.getLogger("fedsim")
 
 
 class RoundObserver(Protocol):
-    """Adds fields to each round record and to the summary (e.g. detection scores)."""
+    """Adds fields to each round record and to the summary (e.g. detection scores).
+
+    An observer may also define ``on_global_model(server_round, model) -> dict``: called in every
+    evaluated round with the model loaded with the round's global weights.
+    """
 
     def on_round_end(self, server_round: int, strategy: Any, grid: FedsimGrid) -> dict[str, Any]: ...
 
@@ -90,8 +94,13 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
     data = load_federated(ocfg.dataset, ocfg.partition, cfg["num_clients"], seed)
     device = resolve_device(cfg.get("device", "auto"))
     model = build_model(cfg["model"], data.in_shape, data.num_classes, seed).to(device)
+    if (cfg.get("init") or {}).get("checkpoint"):  # a pre-trained start
+        from fedsim.init_model import load_checkpoint
+
+        load_checkpoint(model, cfg["init"]["checkpoint"])
     strategy = instantiate(cfg["strategy"], _convert_="all")
     part = participation_mod.build(ocfg.participation, cfg["num_clients"], seed, {"data": data})
+    part = threat.wrap_participation(part, ocfg)  # attackers sampled in their attack rounds, if asked
     reply_hooks, observers = threat.server_plugins(ocfg, data)
     fgrid = FedsimGrid(grid, part, seed, hooks=reply_hooks, timeout=float(cfg["timeout"]))
     fgrid.discover()
@@ -139,6 +148,9 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
                 model.load_state_dict(arrays.to_torch_state_dict())
                 loss, acc = evaluate_model(model, x_test, y_test, device, int(cfg["eval"]["batch_size"]))
                 row.update(test_accuracy=acc, test_loss=loss)
+                for obs in observers:  # observers that evaluate the global model (backdoor accuracy)
+                    if hasattr(obs, "on_global_model"):
+                        row.update(obs.on_global_model(server_round, model))
                 res = MetricRecord({"test_accuracy": acc, "test_loss": loss})
             st = fgrid.stats.get(server_round)
             if st is not None:

@@ -8,6 +8,7 @@ A threat config (``threat/`` group, schema :class:`fedsim.config.ThreatConfig`) 
         fraction: 0.125           # of num_clients (or: ids: [0, 10, 11])
         attack: {_target_: attacks.update.SignFlip, scale: 1.0}
         detect_as: [signflip]     # detector labels that identify this type (default: [name])
+        schedule: {start: 1, every: 10}   # attack rounds (default: every round; see in_schedule)
 
 Assignment draws from a generator keyed by (seed, "threat"): groups with explicit ``ids``
 take those, the rest take consecutive slices of one seeded permutation of the remaining ids.
@@ -16,7 +17,9 @@ An ``attack`` is either a :class:`attacks.base.ClientAttack` (run by the client:
 update) or a :class:`attacks.base.ReplyTransform` (colluding: the members train honestly and
 :class:`ColludingHook` rewrites their replies from the benign ones before the strategy sees them).
 
-:func:`server_plugins` gives the server that hook and a :class:`DetectionScorer`, which writes
+:func:`server_plugins` gives the server that hook, the server halves of client attacks (model
+replacement's boost), a backdoor-accuracy observer for attacks that plant a backdoor
+(:mod:`fedsim.backdoor_eval`), and a :class:`DetectionScorer`, which writes
 the ground truth into ``summary.json`` and scores any strategy exposing
 ``flagged() -> {node_id: label}``: per round precision / recall / F1 in ``metrics.jsonl``, a
 final confusion table in ``summary.json``. Strategies get neither object.
@@ -85,12 +88,16 @@ def validate(threat_cfg: Any, num_clients: int) -> None:
         total += len(g["ids"]) if has_ids else int(round(float(g["fraction"]) * num_clients))
         if g.get("attack") is not None:
             _check_target(g["attack"], f"{key}.attack")
-            _check_attack_type(g["attack"], f"{key}.attack", kind)
+            _check_attack_type(g["attack"], f"{key}.attack", kind, _plain(g.get("schedule")))
+        _validate_schedule(g, key)
     if total > num_clients:
         raise ConfigError(f"threat.groups: {total} attackers but only {num_clients} clients")
 
 
-def _check_attack_type(node: Any, key: str, kind: str) -> None:
+_DEFAULT_SCHEDULE = {"start": 1, "stop": None, "every": 1, "sample": False}
+
+
+def _check_attack_type(node: Any, key: str, kind: str, schedule: Any = None) -> None:
     import inspect
 
     from attacks.base import ClientAttack, ReplyTransform
@@ -103,6 +110,9 @@ def _check_attack_type(node: Any, key: str, kind: str) -> None:
         raise ConfigError(f"{key}._target_: {cls.__name__} is neither a ClientAttack nor a ReplyTransform")
     if issubclass(cls, ReplyTransform) and kind != "malicious":
         raise ConfigError(f"{key}: a colluding ReplyTransform needs kind: malicious")
+    if issubclass(cls, ReplyTransform) and schedule not in (None, {}, _DEFAULT_SCHEDULE):
+        raise ConfigError(f"{key[: -len('.attack')]}.schedule: colluding ReplyTransform groups attack every round "
+                          "(schedules apply to client attacks)")
 
 
 _ASSIGNED: dict[str, dict[int, str]] = {}
@@ -155,21 +165,114 @@ def _instantiate(attack_cfg: Any) -> Any:
     return instantiate(_plain(attack_cfg), _convert_="all")
 
 
-def client_attack(threat_cfg: Any, pid: int, num_clients: int, seed: int):
+def client_attack(threat_cfg: Any, pid: int, num_clients: int, seed: int, server_round: int | None = None):
     """The :class:`ClientAttack` partition ``pid`` runs, or ``None`` (benign, or a colluding
-    member, which trains honestly and is rewritten on the server side)."""
+    member, which trains honestly and is rewritten on the server side).
+
+    With ``server_round``, a member outside its group's ``schedule`` trains honestly (``None``),
+    and attack parts with a ``bind(member_index, attack_index)`` method learn their rank among
+    the group's members and how many of their attack rounds came before this one (DBA pieces).
+    """
     from attacks.base import ClientAttack
 
     if not _groups(threat_cfg):  # no threat model: skip drawing the assignment on every call
         return None
-    name = assign(threat_cfg, num_clients, seed).get(pid)
+    truth = assign(threat_cfg, num_clients, seed)
+    name = truth.get(pid)
     if name is None:
         return None
     group = next(g for g in _groups(threat_cfg) if str(g["name"]) == name)
     if group.get("attack") is None:
         return None
+    if server_round is not None and not in_schedule(group, server_round):
+        return None
     attack = _instantiate(group["attack"])
-    return attack if isinstance(attack, ClientAttack) else None
+    if not isinstance(attack, ClientAttack):
+        return None
+    if server_round is not None:
+        members = sorted(p for p, g in truth.items() if g == name)
+        done = sum(in_schedule(group, r) for r in range(1, server_round))
+        for part in attack.parts():
+            if callable(getattr(part, "bind", None)):
+                part.bind(members.index(pid), done)
+    return attack
+
+
+# --------------------------------------------------------------------------------------------
+# Attack schedules: which rounds a group attacks in
+# --------------------------------------------------------------------------------------------
+def _schedule(group: Any) -> dict[str, Any]:
+    s = _plain(group.get("schedule")) or {}
+
+    def get(key: str, default: Any) -> Any:
+        return default if s.get(key) is None else s[key]
+
+    return {"start": int(get("start", 1)), "stop": s.get("stop"), "every": int(get("every", 1)),
+            "sample": bool(get("sample", False))}
+
+
+def in_schedule(group: Any, server_round: int) -> bool:
+    """Does the group attack in ``server_round``? Rounds ``start, start + every, ...`` up to
+    ``stop`` (the paper's "attacker every 10th round" is start 1, every 10: (r - 1) % 10 == 0;
+    a clean warm-up of R rounds is start R + 1)."""
+    s = _schedule(group)
+    r = int(server_round)
+    return r >= s["start"] and (s["stop"] is None or r <= int(s["stop"])) and (r - s["start"]) % s["every"] == 0
+
+
+def _validate_schedule(group: Any, key: str) -> None:
+    from fedsim.config import ConfigError
+
+    raw = _plain(group.get("schedule")) or {}
+    unknown = set(raw) - {"start", "stop", "every", "sample"}
+    if unknown:
+        raise ConfigError(f"{key}.schedule.{sorted(unknown)[0]}: unknown key (start, stop, every, sample)")
+    s = _schedule(group)
+    if s["start"] < 1:
+        raise ConfigError(f"{key}.schedule.start: must be >= 1")
+    if s["every"] < 1:
+        raise ConfigError(f"{key}.schedule.every: must be >= 1")
+    if s["stop"] is not None and int(s["stop"]) < s["start"]:
+        raise ConfigError(f"{key}.schedule.stop: must be >= start")
+
+
+class ScheduledParticipation:
+    """Participation wrapper for groups with ``schedule.sample: true`` (the paper's fixed-frequency
+    mode): their members train exactly in their attack rounds. The base model's active set keeps
+    its size: scheduled attackers take the place of seeded-random honest clients, and unscheduled
+    members are replaced by seeded-random honest clients that were not active."""
+
+    def __init__(self, base: Any, threat_cfg: Any, num_clients: int, seed: int) -> None:
+        self.base, self.seed, self.n = base, seed, num_clients
+        truth = assign(threat_cfg, num_clients, seed)
+        self.groups = {str(g["name"]): g for g in _groups(threat_cfg) if _schedule(g)["sample"]}
+        self.members = {p: truth[p] for p in truth if truth[p] in self.groups}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+    def active(self, server_round: int) -> list[int]:
+        act = list(self.base.active(server_round))
+        k = len(act)
+        attackers = sorted(p for p, g in self.members.items() if in_schedule(self.groups[g], server_round))[:k]
+        honest = [p for p in act if p not in self.members]
+        rng = np_rng(self.seed, "participation", "attack-schedule", server_round)
+        need = k - len(attackers)
+        if len(honest) > need:
+            honest = sorted(rng.choice(honest, size=need, replace=False).tolist())
+        elif len(honest) < need:
+            pool = [p for p in range(self.n) if p not in self.members and p not in honest]
+            extra = rng.choice(pool, size=min(need - len(honest), len(pool)), replace=False).tolist()
+            honest = honest + [int(p) for p in extra]
+        return sorted(attackers + [int(p) for p in honest])
+
+
+def wrap_participation(part: Any, cfg: Any) -> Any:
+    """``part``, wrapped in :class:`ScheduledParticipation` when a group asks for it."""
+    threat_cfg = cfg.get("threat")
+    if not any(_schedule(g)["sample"] for g in _groups(threat_cfg)):
+        return part
+    return ScheduledParticipation(part, threat_cfg, int(cfg["num_clients"]), int(cfg["seed"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,4 +498,25 @@ def server_plugins(cfg: Any, data: Any) -> tuple[list[Any], list[Any]]:
     if transforms:
         malicious = {p for p, g in truth.items() if kinds[g] == "malicious"}
         hooks.append(ColludingHook(transforms, truth, malicious, seed))
-    return hooks, [DetectionScorer(threat_cfg, n, seed)]
+    observers: list[Any] = [DetectionScorer(threat_cfg, n, seed)]
+    backdoors: dict[str, Any] = {}
+    for g in groups:  # attacks with a server half (model replacement's boost) and backdoors
+        if g.get("attack") is None:
+            continue
+        obj = _instantiate(g["attack"])
+        if isinstance(obj, ReplyTransform):
+            continue
+        name = str(g["name"])
+        members = {p for p, gn in truth.items() if gn == name}
+        for part in obj.parts():
+            make = getattr(part, "server_hook", None)
+            hook = make(members, lambda pid, r, _g=g: in_schedule(_g, r)) if callable(make) else None
+            if hook is not None:
+                hooks.append(hook)
+            if callable(getattr(part, "backdoor_testset", None)) and name not in backdoors:
+                backdoors[name] = part
+    if backdoors:
+        from fedsim.backdoor_eval import BackdoorObserver
+
+        observers.append(BackdoorObserver(backdoors, data, cfg))
+    return hooks, observers
