@@ -257,6 +257,24 @@ def validate(cfg: DictConfig) -> None:
     threat.validate(cfg.threat, cfg.num_clients)
     _check_target(cfg.model, "model")
     _check_target(cfg.strategy, "strategy")
+    _check_strategy(cfg)
+
+
+def _check_strategy(cfg: DictConfig) -> None:
+    """A strategy class may check its own keys against the whole config: ``check_config(cfg)``
+    (a static method raising ``ValueError`` that names the key), called before any work."""
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(cfg.strategy["_target_"])
+    except Exception:  # a function target: nothing to ask
+        return
+    check = getattr(cls, "check_config", None)
+    if callable(check):
+        try:
+            check(cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
