@@ -151,6 +151,7 @@ class FedsimConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     threat: ThreatConfig = field(default_factory=ThreatConfig)
+    topology: Any = None  # topology/ group: the graph of a decentralized strategy (e.g. gossip)
     client: ClientConfig = field(default_factory=ClientConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -265,6 +266,8 @@ def _check_strategy(cfg: DictConfig) -> None:
     (a static method raising ``ValueError`` that names the key), called before any work."""
     from hydra.utils import get_class
 
+    if cfg.get("topology") is not None and "topology" not in cfg.strategy:
+        raise ConfigError(f"topology: strategy {cfg.strategy['_target_']} takes no topology (use strategy=gossip)")
     try:
         cls = get_class(cfg.strategy["_target_"])
     except Exception:  # a function target: nothing to ask

@@ -247,7 +247,7 @@ class Gossip(FedAvg):
             s.get("eps", vca.DEFAULT_EPS), s.get("init", "independent"), s.get("init_scheme", "xavier"),
             topo, s.get("star_weighting", "num_examples"), s.get("node_eval_samples"),
         )  # fmt: skip
-        check_topology(topo, int(cfg["num_clients"]))
+        check_topology(topo, int(cfg["num_clients"]), where="topology")
         known = set(inspect.signature(Gossip.__init__).parameters) | set(inspect.signature(FedAvg.__init__).parameters)
         for key in s:
             if not key.startswith("_") and key not in known:
