@@ -214,6 +214,8 @@ class Gossip(FedAvg):
         kwargs.setdefault("min_train_nodes", 0)
         kwargs.setdefault("min_evaluate_nodes", 0)
         kwargs.setdefault("min_available_nodes", 0)
+        if float(kwargs["fraction_train"]) != 1.0:
+            raise ValueError("strategy.fraction_train: must be 1.0 for gossip (participation/ decides who is active)")
         super().__init__(**kwargs)
         topo = dict(topology or {"name": "random_regular", "degree": 8})
         check_options(merge, beta, target, scope, eps, init, init_scheme, topo, star_weighting, node_eval_samples)
@@ -248,6 +250,8 @@ class Gossip(FedAvg):
             topo, s.get("star_weighting", "num_examples"), s.get("node_eval_samples"),
         )  # fmt: skip
         check_topology(topo, int(cfg["num_clients"]), where="topology")
+        if float(s.get("fraction_train", 1.0)) != 1.0:
+            raise ValueError("strategy.fraction_train: must be 1.0 for gossip (participation/ decides who is active)")
         known = set(inspect.signature(Gossip.__init__).parameters) | set(inspect.signature(FedAvg.__init__).parameters)
         for key in s:
             if not key.startswith("_") and key not in known:

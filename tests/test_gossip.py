@@ -86,10 +86,12 @@ def test_inactive_nodes_neither_train_nor_push_and_ray_matches_inline(run):
 
 def test_relay_counts_follow_participation(cfg_of):
     """Unit check of the relay: a node receives exactly its neighbours' last-round pushes."""
-    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.app import Array, ArrayRecord, ConfigRecord
 
+    from fedsim.engines.base import set_server_identity
     from strategies.gossip import Gossip
 
+    set_server_identity()  # Flower stamps Messages with the process's identity
     s = Gossip(topology={"name": "ring"})
 
     class G:
@@ -105,7 +107,7 @@ def test_relay_counts_follow_participation(cfg_of):
             return [10, 12]
 
     s.bind_harness(G())
-    rec = ArrayRecord({"w": __import__("flwr.app", fromlist=["Array"]).Array(torch.zeros(3).numpy())})
+    rec = ArrayRecord({"w": Array(torch.zeros(3).numpy())})
     s.pushed = {1: rec, 2: rec}  # nodes 1 and 2 were active last round
     msgs = list(s.configure_train(2, rec, ConfigRecord(), G()))
     got = {m.metadata.dst_node_id: int(m.content.config_records["config"]["gossip-received"]) for m in msgs}
@@ -124,6 +126,7 @@ def test_gossip_config_errors(cfg_of):
         "strategy.merg:": ["strategy=gossip", "+strategy.merg=vca"],
         "topology.p": ["strategy=gossip", "topology=erdos_renyi", "topology.p=0"],
         "strategy.star_weighting: only used": ["strategy=gossip", "strategy.star_weighting=uniform"],
+        "strategy.fraction_train": ["strategy=gossip", "strategy.fraction_train=0.5"],
     }
     for msg, ov in cases.items():
         with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):
