@@ -347,7 +347,7 @@ class Gossip(FedAvg):
             self.latest[pid] = record_to_torch(rec)
             self.seen.add(pid)
             if pid not in self.first_var:
-                self.first_var[pid] = layer_variances(self.latest[pid], self.scope)
+                self.first_var[pid] = layer_variances(self.latest[pid], "weights")
             metrics = m.content.metric_records.get("metrics", MetricRecord())
             weights[pid] = float(metrics.get(self.weighted_by_key, 1.0))
         self.pushed = pushed
@@ -372,7 +372,7 @@ class Gossip(FedAvg):
             return {}
         ratios = []
         for p in sorted(self.latest):
-            now = layer_variances(self.latest[p], self.scope)
+            now = layer_variances(self.latest[p], "weights")
             first = self.first_var[p]
             r = [now[k] / first[k] for k in now if first.get(k, 0.0) > 0]
             if r:
