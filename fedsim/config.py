@@ -176,6 +176,7 @@ class FedsimConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     threat: ThreatConfig = field(default_factory=ThreatConfig)
+    topology: Any = None  # topology/ group: the graph of a decentralized strategy (e.g. gossip)
     client: ClientConfig = field(default_factory=ClientConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -139,6 +139,12 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
         }
         checkpoint.save(Path(run_dir), server_round, arrays, strategy, states, harness)
 
+    def evaluate_arrays(arrays: ArrayRecord, max_samples: int | None = None) -> tuple[float, float]:
+        """(loss, accuracy) of any model on the test set (its first ``max_samples`` examples)."""
+        model.load_state_dict(arrays.to_torch_state_dict())
+        n = len(y_test) if max_samples is None else int(max_samples)
+        return evaluate_model(model, x_test[:n], y_test[:n], device, int(cfg["eval"]["batch_size"]))
+
     def on_round_boundary(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         res: MetricRecord | None = None
         last_arrays[0] = arrays
@@ -166,6 +172,8 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
                 )
                 if st.failures:
                     row["failures"] = st.failures
+            if hasattr(strategy, "round_metrics"):  # strategies holding several models (gossip nodes)
+                row.update(strategy.round_metrics(server_round, evaluate_arrays if "test_accuracy" in row else None))
             for obs in observers:
                 row.update(obs.on_round_end(server_round, strategy, fgrid))
             row["seconds"] = time.time() - t_round[0]

@@ -266,6 +266,8 @@ def check_setup(cfg: DictConfig) -> SetupInfo:
     active = PARTICIPATION[cfg.participation.name].round_sizes(cfg.participation, n)
     setup = SetupInfo(cfg, n, active)
     _threat_rounding(setup)
+    if cfg.get("topology") is not None and "topology" not in cfg.strategy:
+        _fail("topology", f"strategy {cfg.strategy['_target_']} takes no topology (use a decentralized strategy, e.g. strategy=gossip)")
     strategy = build_strategy(cfg.strategy)
     for cls in reversed(type(strategy).__mro__):  # base classes first: FedAvg's keys before Krum's
         check = CHECKS.get(_qualname(cls))
