@@ -212,9 +212,16 @@ def client_query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": info}), reply_to=msg)
 
 
+def build_mods(cfg: dict[str, Any]) -> list[Any]:
+    """Flower mods from ``client.mods``: dotted paths of mod functions, or ``_target_`` nodes."""
+    from hydra.utils import get_method, instantiate
+
+    return [get_method(m) if isinstance(m, str) else instantiate(m, _convert_="all") for m in cfg["client"].get("mods") or []]
+
+
 def make_client_app(cfg: dict[str, Any]) -> ClientApp:
     """A ClientApp bound to a resolved config (a plain dict, so it pickles to Ray workers)."""
-    app = ClientApp()
+    app = ClientApp(mods=build_mods(cfg))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

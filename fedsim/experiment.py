@@ -49,6 +49,10 @@ def run_experiment(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None
 
     quiet_flower()
     plain = prepare(cfg)
+    if plain.get("inversion") is not None:  # benchmark mode (docs/inversion.md)
+        from attacks.inversion.benchmark import run_benchmark, summary_for_cli
+
+        return summary_for_cli(run_benchmark(plain["inversion"], run_dir))
     log.info(
         "fedsim: %s on %s, %d clients, %d rounds, engine=%s",
         plain["strategy"]["_target_"].rsplit(".", 1)[-1],

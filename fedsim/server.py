@@ -74,6 +74,9 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
     strategy = instantiate(cfg["strategy"], _convert_="all")
     part = participation_mod.build(ocfg.participation, cfg["num_clients"], seed, {"data": data})
     reply_hooks, observers = threat.server_plugins(ocfg, data)
+    if cfg.get("observer") is not None:  # e.g. the gradient-inversion observer (docs/inversion.md)
+        hooks, obs = instantiate(cfg["observer"], _convert_="all").plugins(cfg, data)
+        reply_hooks, observers = reply_hooks + hooks, observers + obs
     fgrid = FedsimGrid(grid, part, seed, hooks=reply_hooks, timeout=float(cfg["timeout"]))
     fgrid.discover()
     if hasattr(strategy, "bind_harness"):  # strategies that need N, p_n, ... (never ground truth)
