@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 1,
     "distinct_labels": False,  # batches with distinct labels (Yin et al.'s label rule assumes it)
     "model": {"name": "sigmoid_lenet"},  # attacks.inversion.models.MODELS + kwargs
+    "reinit_per_batch": False,  # a fresh random model per target batch (DLG/iDLG's protocol)
     "train_steps": 0,  # SGD steps (batch 32, lr 0.1) on other pool images before the attack
     "protocol": {"kind": "fedsgd", "lr": 0.1, "steps": 1, "batch": 0},  # fedsgd | fedavg
     "share_labels": False,  # the protocol shares the labels with the server
@@ -209,6 +210,9 @@ def run_benchmark(node: dict[str, Any], run_dir: Path | None = None) -> dict[str
         log.info("%s", lp_msg)
     for b, idx in enumerate(batches):
         x, y = x_pool[idx], y_pool[idx]
+        if cfg["reinit_per_batch"] and b > 0:
+            model = build_model(cfg["model"]["name"], tuple(x_pool.shape[1:]), num_classes, seed * 1009 + b, **mkw)
+            _pretrain(model, x_pool[rest], y_pool[rest], int(cfg["train_steps"]), seed)
         payload, masks = client_payload(model, x, y, cfg, num_classes, defense, seed * 100003 + b)
         for name, attack in attacks.items():
             p = copy.copy(payload)
@@ -262,7 +266,7 @@ def run_benchmark(node: dict[str, Any], run_dir: Path | None = None) -> dict[str
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "inversion.json").write_text(json.dumps(out, indent=1, default=str))
         g = int(cfg["grid"])
-        for name in attacks:
+        for name in attacks if g > 0 else []:
             rec = torch.cat(shown[name])[:g]
             save_grid(run_dir / f"inversion_{name}.png", truth_all[:g], rec, results[name]["per_image"]["psnr"][:g], name)
     return out
