@@ -29,6 +29,9 @@ class DLG:
     one image, Yin et al.'s for batches, unless the payload shares labels), ``known`` (the
     payload must share labels). ``tol``: stop once the matching loss is below it (iDLG's 1e-6;
     DLG's code has no stop, ``tol=0``). ``max_eval`` is L-BFGS's ``max_iter`` per step.
+    ``patience`` (not part of either recipe, off by default) ends runs whose loss has stalled,
+    e.g. after the image saturated the sigmoids; it saves CPU on failures and changes nothing
+    on runs that keep improving.
     """
 
     iterations: int = 300
@@ -37,6 +40,7 @@ class DLG:
     tol: float = 1e-6
     max_eval: int = 20
     init: str = "randn"
+    patience: int = 0  # stop after this many steps without a new best loss (0 = never; not in the recipe)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,13 +74,16 @@ class DLG:
             return loss
 
         history: list[float] = []
-        steps = 0
+        steps, best, since = 0, float("inf"), 0
         for _ in range(self.iterations):
             steps += 1
             opt.step(closure)
             loss = float(l2_distance(observe(payload, x.detach(), labels_now().detach(), create_graph=False), target))
             history.append(loss)
             if not torch.isfinite(torch.tensor(loss)) or loss < self.tol:
+                break
+            best, since = (loss, 0) if loss < best else (best, since + 1)
+            if self.patience and since >= self.patience:
                 break
         labels = y_logits.detach().argmax(-1) if self.labels == "joint" else y_hard
         return x.detach(), labels, {"loss": history[-1], "steps": steps, "history": history[::10]}
