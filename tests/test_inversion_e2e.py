@@ -85,6 +85,9 @@ def test_privacy_mod_changes_the_updates(tmp_path):
     again = run_experiment(compose_config(TINY + [f"client.mods=[{mod}]"]), tmp_path / "c")
     assert noisy["final_accuracy"] != base["final_accuracy"]
     assert noisy["final_accuracy"] == again["final_accuracy"]  # seeded per (round, partition)
+    flower_dp = "{_target_: flwr.clientapp.mod.LocalDpMod, clipping_norm: 1.0, sensitivity: 1.0, epsilon: 1.0, delta: 1.0e-5}"
+    dp = run_experiment(compose_config(TINY + [f"client.mods=[{flower_dp}]"]), tmp_path / "e")  # Flower's own mod
+    assert dp["final_accuracy"] != base["final_accuracy"]
     with pytest.raises(ConfigError, match=r"client.mods\[0\]"):
         run_experiment(compose_config(TINY + ["client.mods=[no.such.mod]"]), tmp_path / "d")
 
