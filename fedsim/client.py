@@ -211,11 +211,21 @@ def client_query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": info}), reply_to=msg)
 
 
+def build_mods(cfg: dict[str, Any]) -> list[Any]:
+    """Flower mods from ``client.mods``: dotted paths of mod functions, or ``_target_`` nodes.
+
+    They wrap the ``train`` handler only (privacy mods such as Flower's ``LocalDpMod`` expect a
+    train message's single ArrayRecord; the query and evaluate messages pass untouched)."""
+    from hydra.utils import get_method, instantiate
+
+    return [get_method(m) if isinstance(m, str) else instantiate(m, _convert_="all") for m in cfg["client"].get("mods") or []]
+
+
 def make_client_app(cfg: dict[str, Any]) -> ClientApp:
     """A ClientApp bound to a resolved config (a plain dict, so it pickles to Ray workers)."""
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=build_mods(cfg))
     def train(msg: Message, context: Context) -> Message:
         return client_train(msg, context, cfg)
 

@@ -75,6 +75,9 @@ class ClientConfig:
     weight_decay: float = 0.0
     persist_optimizer: bool = False  # keep SGD momentum buffers in context.state across rounds
     num_threads: Any = "auto"  # torch threads per client process: auto | 0 (torch's default) | n (fedsim.threads)
+    # Flower client mods wrapping the ClientApp: dotted paths of mod functions or _target_
+    # nodes of mod objects (e.g. defenses.privacy.PrivacyMod, flwr's LocalDpMod)
+    mods: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -187,6 +190,10 @@ class FedsimConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     timeout: float = 3600.0  # seconds the server waits for one round's replies
     name: str = "default"  # a label for reports
+    # gradient-inversion benchmark (attacks/inversion/benchmark.py) instead of FL training when set
+    inversion: Any = None
+    # in-federation inversion observer (attacks/inversion/observer.py), a reply hook
+    observer: Any = None
 
 
 def register_configs() -> None:
@@ -322,6 +329,16 @@ def validate(cfg: DictConfig) -> None:
 
     _check(check_threads(c.num_threads) is None, "client.num_threads", str(check_threads(c.num_threads)))
     _check(cfg.eval.every >= 1, "eval.every", "must be >= 1")
+    for i, mod in enumerate(c.get("mods") or []):
+        if isinstance(mod, str):
+            from hydra.utils import get_method
+
+            try:
+                get_method(mod)
+            except Exception as err:
+                raise ConfigError(f"client.mods[{i}]: cannot import '{mod}' ({err})") from None
+        else:
+            _check_target(mod, f"client.mods[{i}]")
     e = cfg.engine
     _check(e.name in ENGINES, "engine.name", f"'{e.name}' is not one of {ENGINES}")
     _check(e.client_resources.num_cpus > 0, "engine.client_resources.num_cpus", "must be > 0")
@@ -360,6 +377,8 @@ def validate(cfg: DictConfig) -> None:
     from fedsim.setup_checks import check_setup  # builds the strategy: Flower's and its own constraints
 
     check_setup(cfg)
+    if cfg.get("observer") is not None:
+        _check_target(cfg.observer, "observer")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

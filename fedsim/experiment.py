@@ -80,6 +80,10 @@ def run_experiment(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None
         plain["engine"]["name"],
     )
     try:
+        if plain.get("inversion") is not None:  # benchmark mode (docs/inversion.md)
+            from attacks.inversion.benchmark import run_benchmark, summary_for_cli
+
+            return summary_for_cli(run_benchmark(plain["inversion"], run_dir))
         load_checked_data(plain)
         summary = run_engine(plain, run_dir)
     finally:

@@ -102,6 +102,9 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
     part = participation_mod.build(ocfg.participation, cfg["num_clients"], seed, {"data": data})
     part = threat.wrap_participation(part, ocfg)  # attackers sampled in their attack rounds, if asked
     reply_hooks, observers = threat.server_plugins(ocfg, data)
+    if cfg.get("observer") is not None:  # e.g. the gradient-inversion observer (docs/inversion.md)
+        hooks, obs = instantiate(cfg["observer"], _convert_="all").plugins(cfg, data)
+        reply_hooks, observers = reply_hooks + hooks, observers + obs
     fgrid = FedsimGrid(grid, part, seed, hooks=reply_hooks, timeout=float(cfg["timeout"]))
     fgrid.discover()
     if hasattr(strategy, "bind_harness"):  # strategies that need N, p_n, ... (never ground truth)

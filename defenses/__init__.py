@@ -1,0 +1,1 @@
+"""Client-side defenses (privacy): composable transforms of what a client sends."""
