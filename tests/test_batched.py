@@ -7,6 +7,7 @@ summation order differs, bits do not match) and the same final accuracy within 0
 
 from __future__ import annotations
 
+import itertools
 import numpy as np
 import pytest
 import torch
@@ -45,9 +46,13 @@ def _rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
 
 
+_PAIRS = itertools.count()
+
+
 def _assert_parity(run, monkeypatch, *overrides, engine=("engine=batched",)):
-    s_in, rows_in, m_in = _run_models(run, monkeypatch, *BASE, *overrides, name="inline")
-    s_b, rows_b, m_b = _run_models(run, monkeypatch, *BASE, *overrides, *engine, name="batched")
+    k = next(_PAIRS)  # one run directory per run: a directory holding results is not reused
+    s_in, rows_in, m_in = _run_models(run, monkeypatch, *BASE, *overrides, name=f"inline{k}")
+    s_b, rows_b, m_b = _run_models(run, monkeypatch, *BASE, *overrides, *engine, name=f"batched{k}")
     assert len(m_in) == len(m_b) == 3
     for r, (a, b) in enumerate(zip(m_in, m_b), 1):
         assert _rel(a, b) < RTOL, f"round {r}: {_rel(a, b)}"
