@@ -8,6 +8,7 @@ summation order differs, bits do not match) and the same final accuracy within 0
 from __future__ import annotations
 
 import itertools
+
 import numpy as np
 import pytest
 import torch
