@@ -241,14 +241,28 @@ def _check_target(
     _check(callable(obj), f"{key}._target_", f"'{target}' is not a class or a function")
     if base is not None and inspect.isclass(obj):
         _check(issubclass(obj, base), f"{key}._target_", f"{target} is not a {base_name or base.__qualname__}")
-    fn = obj.__init__ if inspect.isclass(obj) else obj
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    params = _accepted_params(obj)
+    if params is None:
         return
     for name in node:
         if name.startswith("_") or name in skip:
             continue
         _check(name in params, f"{key}.{name}", f"not an argument of {target}")
+
+
+def _accepted_params(obj: Any) -> set[str] | None:
+    """Keyword arguments ``obj`` accepts; ``None`` when any is. A class whose ``__init__`` takes
+    ``**kwargs`` is assumed to pass them on to its base class (``super().__init__(**kwargs)``, as
+    a strategy extending FedAvg does), so the bases' parameters are added until one ``__init__``
+    has no ``**kwargs``; a function with ``**kwargs`` accepts anything."""
+    fns = [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]
+    names: set[str] = set()
+    for fn in fns:
+        params = inspect.signature(fn).parameters
+        names.update(n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return names
+    return None
 
 
 def _import_reason(err: BaseException) -> str:

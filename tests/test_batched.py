@@ -94,7 +94,7 @@ def test_refuses_what_it_cannot_batch(run):
     with pytest.raises(ConfigError, match="BatchNorm.*engine=inline"):
         check_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))
     with pytest.raises(ConfigError, match="Dropout.*engine=inline"):
-        run("+model.dropout=0.5", "engine=batched")
+        run("model.dropout=0.5", "engine=batched")
     with pytest.raises(ConfigError, match="engine.client_timeout"):
         run("engine=batched", "engine.client_timeout=5")
     with pytest.raises(ConfigError, match="engine.max_batch"):
