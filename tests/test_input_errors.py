@@ -155,6 +155,14 @@ def test_suspicious_setups_warn_with_the_count(no_data, caplog):
     with caplog.at_level(logging.WARNING, logger="fedsim"):
         validate(compose_config(["strategy=fedtrimmedavg", "num_clients=4"]))
     assert any("trims int(0.2*4) = 0" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedsim"):
+        validate(compose_config(["strategy=mudhog", "num_clients=4"]))
+    assert any("DBSCAN needs 5 points" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedsim"):
+        validate(compose_config(["strategy=krum", "strategy.min_train_nodes=0", "participation=bernoulli"]))
+    assert any("outside Krum's guarantee" in r.getMessage() for r in caplog.records)
 
 
 def test_device_cuda_without_cuda(no_data, monkeypatch):

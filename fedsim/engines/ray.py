@@ -138,7 +138,7 @@ def start_ray(engine: dict[str, Any]) -> bool:
         "logging_level": logging.ERROR,
     }
     kwargs.update(engine.get("init_args") or {})
-    address = engine.get("address")
+    address = engine.get("address") or kwargs.get("address")
     if address:
         kwargs["address"] = address
         try:
