@@ -1,4 +1,5 @@
-"""Checks that need the strategy, the participation model and the threat model together.
+"""Checks that need the strategy, the participation model and the threat model together
+(and ``device``, which needs torch).
 
 :func:`fedsim.config.validate` calls :func:`check_setup` after the per-key checks, before any
 data is loaded. It builds the strategy once (constructors are cheap and check their own
@@ -77,6 +78,28 @@ class SetupInfo:
 
 def _fail(key: str, msg: str) -> None:
     raise ConfigError(f"{key}: {msg}")
+
+
+def check_device(device: str) -> None:
+    """``device`` must name something this machine has (``auto`` always does)."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device: '{device}' but PyTorch sees no CUDA device (torch {torch.__version__}, "
+                f"CUDA build: {torch.version.cuda or 'no'}); use device=auto or device=cpu"
+            )
+        idx = device.partition(":")[2]
+        if idx and (not idx.isdigit() or int(idx) >= torch.cuda.device_count()):
+            raise ConfigError(f"device: '{device}' but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    try:
+        torch.device(device)  # other backends (mps, xpu, ...) are checked by torch when used
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: '{device}' is not auto, cpu, cuda, cuda:N or another torch device") from None
 
 
 # --- Flower's built-in strategies ------------------------------------------------------------
@@ -262,6 +285,7 @@ def check_setup(cfg: DictConfig) -> SetupInfo:
     """Run every setup check for ``cfg``; raise ConfigError, return the info with its warnings."""
     from fedsim.participation import PARTICIPATION
 
+    check_device(str(cfg.device))
     n = int(cfg.num_clients)
     active = PARTICIPATION[cfg.participation.name].round_sizes(cfg.participation, n)
     setup = SetupInfo(cfg, n, active)

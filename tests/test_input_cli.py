@@ -6,11 +6,13 @@ session that dies with a SIGKILLed driver. Docs: docs/failures_input.md.
 from __future__ import annotations
 
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -116,11 +118,15 @@ def test_ray_session_dies_with_a_killed_driver(tmp_path):
     seen: list[str] = []
     session: dict[int, str] = {}
     try:
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
         deadline = time.monotonic() + 240
-        for line in proc.stdout:  # type: ignore[union-attr]
-            seen.append(line)
-            if "round 1/500" in line or time.monotonic() > deadline:
-                break
+        while time.monotonic() < deadline and not any("round 1/500" in ln for ln in seen):
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                if proc.poll() is not None:
+                    break
         assert any("round 1/500" in ln and "(failed 0)" in ln for ln in seen), "".join(seen)
         session = _descendants(proc.pid)
         assert any("raylet" in c for c in session.values()), session
