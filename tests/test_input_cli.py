@@ -95,6 +95,34 @@ def _descendants(pid: int) -> dict[int, str]:
     return out
 
 
+def _listen_addresses(pids) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets in LISTEN state
+    that ``pids`` hold."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    out: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A = LISTEN
+                out.add(f[1].rsplit(":", 1)[0])
+    return out
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -106,8 +134,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc (Linux) to find the session's processes")
 def test_ray_session_dies_with_a_killed_driver(tmp_path):
     """``kill -9`` of an ``engine=ray`` driver left ``ray::DashboardAgent`` and
-    ``ray::RuntimeEnvAgent`` alive (~60 s, ~200 MB). The run here is the README example on Ray,
-    from the user's directory, so it also checks that Ray workers import ``./mylab``."""
+    ``ray::RuntimeEnvAgent`` alive (~60 s, ~200 MB); every Ray server listened on all interfaces.
+    The run here is the README example on Ray, from the user's directory, so it also checks that
+    Ray workers import ``./mylab``."""
     pytest.importorskip("ray")
     cmd = _readme_example(tmp_path)
     proc = subprocess.Popen(
@@ -131,6 +160,8 @@ def test_ray_session_dies_with_a_killed_driver(tmp_path):
         session = _descendants(proc.pid)
         assert any("raylet" in c for c in session.values()), session
         agents = {p: c for p, c in session.items() if "Agent" in c}
+        listening = _listen_addresses(session)
+        assert listening and listening <= LOOPBACK, f"Ray listens beyond localhost: {listening}"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         t0 = time.monotonic()
