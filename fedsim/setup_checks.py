@@ -130,7 +130,8 @@ def _check_fedavg(s: Any, setup: SetupInfo) -> None:
             _fail(
                 f"strategy.{key}",
                 f"{need} but participation makes {setup.per_round('active')}, and a round's active "
-                f"clients are fixed, so the round would wait forever; set strategy.{key}<={lo} "
+                f"clients are fixed, so such a round can never have {need} (Flower's strategies would wait "
+                f"forever); set strategy.{key}<={lo} "
                 f"(0 lets participation decide)" + (" or raise participation.fraction / participation.min_clients" if setup.cfg.participation.name == "sampled" else ""),
             )
 
