@@ -204,12 +204,25 @@ def _check_mudhog(s: Any, setup: SetupInfo) -> None:
         )
 
 
+def _check_update_strategy(s: Any, setup: SetupInfo) -> None:
+    """fedsim's UpdateStrategy trains every active client (participation samples, the strategy
+    does not): a ``fraction_train`` other than 0 (skip training) or 1 would be accepted and ignored."""
+    frac = float(getattr(s, "fraction_train", 1.0))
+    if frac not in (0.0, 1.0):
+        _fail(
+            "strategy.fraction_train",
+            f"{type(s).__name__} trains every client participation makes active, so {frac} would be "
+            "ignored; keep 1.0 and set participation.fraction instead",
+        )
+
+
 #: ``module.QualName`` of a strategy class -> its setup check (applied to subclasses too).
 CHECKS: dict[str, Callable[[Any, SetupInfo], None]] = {
     "flwr.serverapp.strategy.fedavg.FedAvg": _check_fedavg,
     "flwr.serverapp.strategy.multikrum.MultiKrum": _check_multikrum,
     "flwr.serverapp.strategy.bulyan.Bulyan": _check_bulyan,
     "flwr.serverapp.strategy.fedtrimmedavg.FedTrimmedAvg": _check_trimmed,
+    "strategies.common.UpdateStrategy": _check_update_strategy,
     "strategies.mudhog.MudHoG": _check_mudhog,
 }
 

@@ -133,6 +133,7 @@ def no_data(monkeypatch):
         (["strategy=krum", "num_clients=6"], "strategy.num_malicious_nodes", "2f+2 = 6"),
         (["strategy=multikrum", "num_clients=20", "participation.fraction=0.3"], "strategy.num_malicious_nodes", "participation.fraction=0.3"),
         (["strategy=multikrum", "strategy.num_nodes_to_select=12"], "strategy.num_nodes_to_select", "12"),
+        (["strategy=geomed", "strategy.fraction_train=0.5"], "strategy.fraction_train", "would be ignored"),
         (["strategy=fedtrimmedavg", "strategy.beta=0.5"], "strategy", "FedTrimmedAvg(...) failed: ValueError: `beta` must be in the range [0, 0.5)"),
         # item 12: before the data loads
         (["strategy._target_=fedsim.models.MLP"], "strategy._target_", "not a flwr.serverapp.strategy"),
