@@ -274,28 +274,6 @@ def _import_reason(err: BaseException) -> str:
     return text
 
 
-def _check_device(device: str) -> None:
-    """``device`` must name something this machine has (``auto`` always does)."""
-    if device in ("auto", "cpu"):
-        return
-    import torch
-
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device: '{device}' but PyTorch sees no CUDA device (torch {torch.__version__}, "
-                f"CUDA build: {torch.version.cuda or 'no'}); use device=auto or device=cpu"
-            )
-        idx = device.partition(":")[2]
-        if idx and (not idx.isdigit() or int(idx) >= torch.cuda.device_count()):
-            raise ConfigError(f"device: '{device}' but this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return
-    try:
-        torch.device(device)  # other backends (mps, xpu, ...) are checked by torch when used
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"device: '{device}' is not auto, cpu, cuda, cuda:N or another torch device") from None
-
-
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first bad key; touches no data."""
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1 (got {cfg.rounds})")
@@ -323,7 +301,6 @@ def validate(cfg: DictConfig) -> None:
     if d.max_samples is not None:
         _check(d.max_samples >= 1, "dataset.max_samples", "must be >= 1")
     _check(d.nonfinite in ("error", "drop"), "dataset.nonfinite", f"'{d.nonfinite}' is not one of error, drop")
-    _check_device(str(cfg.device))
     p = cfg.partition
     _check(p.name in PARTITIONS, "partition.name", f"'{p.name}' is not one of {PARTITIONS}")
     _check(p.alpha > 0, "partition.alpha", f"must be > 0 (got {p.alpha})")

@@ -1,4 +1,5 @@
-"""Checks that need the strategy, the participation model and the threat model together.
+"""Checks that need the strategy, the participation model and the threat model together
+(and ``device``, which needs torch).
 
 :func:`fedsim.config.validate` calls :func:`check_setup` after the per-key checks, before any
 data is loaded. It builds the strategy once (constructors are cheap and check their own
@@ -79,6 +80,28 @@ def _fail(key: str, msg: str) -> None:
     raise ConfigError(f"{key}: {msg}")
 
 
+def check_device(device: str) -> None:
+    """``device`` must name something this machine has (``auto`` always does)."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device: '{device}' but PyTorch sees no CUDA device (torch {torch.__version__}, "
+                f"CUDA build: {torch.version.cuda or 'no'}); use device=auto or device=cpu"
+            )
+        idx = device.partition(":")[2]
+        if idx and (not idx.isdigit() or int(idx) >= torch.cuda.device_count()):
+            raise ConfigError(f"device: '{device}' but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    try:
+        torch.device(device)  # other backends (mps, xpu, ...) are checked by torch when used
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: '{device}' is not auto, cpu, cuda, cuda:N or another torch device") from None
+
+
 # --- Flower's built-in strategies ------------------------------------------------------------
 
 
@@ -107,7 +130,8 @@ def _check_fedavg(s: Any, setup: SetupInfo) -> None:
             _fail(
                 f"strategy.{key}",
                 f"{need} but participation makes {setup.per_round('active')}, and a round's active "
-                f"clients are fixed, so the round would wait forever; set strategy.{key}<={lo} "
+                f"clients are fixed, so such a round can never have {need} (Flower's strategies would wait "
+                f"forever); set strategy.{key}<={lo} "
                 f"(0 lets participation decide)" + (" or raise participation.fraction / participation.min_clients" if setup.cfg.participation.name == "sampled" else ""),
             )
 
@@ -180,12 +204,25 @@ def _check_mudhog(s: Any, setup: SetupInfo) -> None:
         )
 
 
+def _check_update_strategy(s: Any, setup: SetupInfo) -> None:
+    """fedsim's UpdateStrategy trains every active client (participation samples, the strategy
+    does not): a ``fraction_train`` other than 0 (skip training) or 1 would be accepted and ignored."""
+    frac = float(getattr(s, "fraction_train", 1.0))
+    if frac not in (0.0, 1.0):
+        _fail(
+            "strategy.fraction_train",
+            f"{type(s).__name__} trains every client participation makes active, so {frac} would be "
+            "ignored; keep 1.0 and set participation.fraction instead",
+        )
+
+
 #: ``module.QualName`` of a strategy class -> its setup check (applied to subclasses too).
 CHECKS: dict[str, Callable[[Any, SetupInfo], None]] = {
     "flwr.serverapp.strategy.fedavg.FedAvg": _check_fedavg,
     "flwr.serverapp.strategy.multikrum.MultiKrum": _check_multikrum,
     "flwr.serverapp.strategy.bulyan.Bulyan": _check_bulyan,
     "flwr.serverapp.strategy.fedtrimmedavg.FedTrimmedAvg": _check_trimmed,
+    "strategies.common.UpdateStrategy": _check_update_strategy,
     "strategies.mudhog.MudHoG": _check_mudhog,
 }
 
@@ -262,6 +299,7 @@ def check_setup(cfg: DictConfig) -> SetupInfo:
     """Run every setup check for ``cfg``; raise ConfigError, return the info with its warnings."""
     from fedsim.participation import PARTICIPATION
 
+    check_device(str(cfg.device))
     n = int(cfg.num_clients)
     active = PARTICIPATION[cfg.participation.name].round_sizes(cfg.participation, n)
     setup = SetupInfo(cfg, n, active)

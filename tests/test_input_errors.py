@@ -133,6 +133,7 @@ def no_data(monkeypatch):
         (["strategy=krum", "num_clients=6"], "strategy.num_malicious_nodes", "2f+2 = 6"),
         (["strategy=multikrum", "num_clients=20", "participation.fraction=0.3"], "strategy.num_malicious_nodes", "participation.fraction=0.3"),
         (["strategy=multikrum", "strategy.num_nodes_to_select=12"], "strategy.num_nodes_to_select", "12"),
+        (["strategy=geomed", "strategy.fraction_train=0.5"], "strategy.fraction_train", "would be ignored"),
         (["strategy=fedtrimmedavg", "strategy.beta=0.5"], "strategy", "FedTrimmedAvg(...) failed: ValueError: `beta` must be in the range [0, 0.5)"),
         # item 12: before the data loads
         (["strategy._target_=fedsim.models.MLP"], "strategy._target_", "not a flwr.serverapp.strategy"),
@@ -155,6 +156,14 @@ def test_suspicious_setups_warn_with_the_count(no_data, caplog):
     with caplog.at_level(logging.WARNING, logger="fedsim"):
         validate(compose_config(["strategy=fedtrimmedavg", "num_clients=4"]))
     assert any("trims int(0.2*4) = 0" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedsim"):
+        validate(compose_config(["strategy=mudhog", "num_clients=4"]))
+    assert any("DBSCAN needs 5 points" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedsim"):
+        validate(compose_config(["strategy=krum", "strategy.min_train_nodes=0", "participation=bernoulli"]))
+    assert any("outside Krum's guarantee" in r.getMessage() for r in caplog.records)
 
 
 def test_device_cuda_without_cuda(no_data, monkeypatch):

@@ -138,7 +138,7 @@ def start_ray(engine: dict[str, Any]) -> bool:
         "logging_level": logging.ERROR,
     }
     kwargs.update(engine.get("init_args") or {})
-    address = engine.get("address")
+    address = engine.get("address") or kwargs.get("address")
     if address:
         kwargs["address"] = address
         try:
@@ -166,14 +166,16 @@ def _local_ray_env() -> Iterator[None]:
     from ray._private import ray_constants
 
     saved = {k: os.environ.get(k) for k in LOCAL_RAY_ENV}
-    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    cluster = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)  # Ray 2.55; absent: env only
     for k, v in LOCAL_RAY_ENV.items():
         os.environ.setdefault(k, v)
-    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false", "False")
+    if cluster is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() not in ("0", "false")
     try:
         yield
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster
+        if cluster is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
