@@ -57,7 +57,7 @@ BASE = [
 
 def case(strategy: str, lr: float, eta_g: float = 1.0, rule: str = "paper", extra: tuple[str, ...] = ()) -> dict:
     name = f"{strategy}-lr{lr}" + (f"-etag{eta_g}" if eta_g != 1.0 else "") + f"-{rule}"
-    name += "".join(f"-{e.split('.')[-1]}" for e in extra)
+    name += "".join(f"-{e.split('.', 1)[-1]}" for e in extra)
     ov = [f"strategy={strategy}", f"client.lr={lr}", *extra]
     if strategy == "scaffold":
         ov.append(f"strategy.global_lr={eta_g}")
@@ -76,6 +76,7 @@ CASES = [
     case("scaffold", 0.1, extra=("client.steps=10",)),
     case("scaffold", 0.1, extra=("participation.fraction=1.0",)),
     case("fedavg", 0.1, extra=("participation.fraction=1.0",)),
+    case("scaffold", 0.05, extra=("participation.fraction=1.0",)),
     case("scaffold", 0.1, eta_g=2.0),
     case("scaffold", 0.07),
 ]
@@ -148,12 +149,51 @@ def describe(res: dict) -> str:
     )
 
 
+DIVERGED = 2.0 * math.log(10)  # mean client train loss above twice a uniform guess's (10 classes)
+
+
+def diverged_at(res: dict) -> int | None:
+    """First round whose mean client train loss is non-finite or above :data:`DIVERGED`."""
+    for r, v in enumerate(res["train_loss"], start=1):
+        if v is None or v > DIVERGED:
+            return r
+    return None
+
+
+def summary_table(results: list[dict]) -> str:
+    """Markdown table: one row per case over its seeds."""
+    lines = [
+        "| case | seeds | diverged (round) | max train loss | final acc % | best acc % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in CASES:
+        rs = sorted((r for r in results if r["name"] == c["name"]), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        div = [diverged_at(r) for r in rs]
+        mx = [max((v for v in r["train_loss"] if v is not None), default=float("nan")) for r in rs]
+        fmt_mx = ", ".join("NaN" if None in r["train_loss"] else (f"{m:.3g}" if m < 1e4 else f"{m:.0e}")
+                           for r, m in zip(rs, mx))
+        fin = [100 * (r["final_accuracy"] or 0.0) for r in rs]
+        best = [100 * (r["best_accuracy"] or 0.0) for r in rs]
+        lines.append(
+            f"| {c['name']} | {', '.join(str(r['seed']) for r in rs)} | "
+            f"{sum(d is not None for d in div)}/{len(rs)} ({', '.join('-' if d is None else str(d) for d in div)}) | "
+            f"{fmt_mx} | {', '.join(f'{v:.1f}' for v in fin)} | {', '.join(f'{v:.1f}' for v in best)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--summary", action="store_true", help="print the markdown table of the results and exit")
     ap.add_argument("--only", nargs="*", default=None, help="case names to run (default: all)")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--work", default="/tmp/fedsim-scaffold-stability")
     args = ap.parse_args()
+    if args.summary:
+        print(summary_table(json.loads(OUT.read_text())))
+        return
     if not DATA.exists():
         raise SystemExit(f"{DATA} not found (mnist10k is needed for this experiment)")
     results = json.loads(OUT.read_text()) if OUT.exists() else []
@@ -167,7 +207,7 @@ def main() -> None:
             res = run_case(c, seed, Path(args.work))
             print(describe(res), flush=True)
             results.append(res)
-            OUT.write_text(json.dumps(results, indent=1))
+            OUT.write_text("[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]\n")  # one line per run
 
 
 if __name__ == "__main__":
