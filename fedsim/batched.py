@@ -274,7 +274,7 @@ def _prepare(msg: Message, context: Context, cfg: dict[str, Any], rt: Any, cache
     seed_torch(derive_seed(seed, "client-torch", server_round, pid))
     global_sd = _globals(msg.content.array_records["arrays"], rt, cache)
     x, y = rt.data.client(pid)
-    attack = threat.client_attack(cfg.get("threat"), pid, cfg["num_clients"], seed)
+    attack = threat.client_attack(cfg.get("threat"), pid, cfg["num_clients"], seed, server_round)
     arng = np_rng(seed, "attack", server_round, pid) if attack is not None else None
     hooks: list[TrainHook] = []
     if attack is not None:
@@ -469,7 +469,7 @@ def train_chunk(jobs: list[Job], cfg: dict[str, Any], rt: Any) -> list[RecordDic
                 {
                     "arrays": arrays,
                     "metrics": MetricRecord(
-                        {"num-examples": int(len(j.y)), "train_loss": float(mean_loss[c]), "train_steps": int(j.total)}
+                        {"num-examples": int(len(j.y)), "train_loss": float(mean_loss[c]), "train_steps": int(counted[c])}
                     ),
                 }
             )

@@ -103,6 +103,9 @@ def test_refuses_what_it_cannot_batch(run):
         run("engine.batched=true")
     with pytest.raises(ConfigError, match="local algorithm 'custom_local'.*engine=inline"):
         run("engine=batched", "strategy._target_=test_batched.CustomLocalFedAvg")
+    mod = "{_target_: defenses.privacy.PrivacyMod, transforms: [{_target_: defenses.privacy.Prune, p: 50}]}"
+    with pytest.raises(ConfigError, match="client.mods.*engine=inline"):
+        run("engine=batched", f"client.mods=[{mod}]", name="mods")
 
 
 class _InLoop(TrainHook):

@@ -38,6 +38,11 @@ def check_config(cfg: dict[str, Any]) -> None:
             "engine.client_timeout: not supported by the batched trainer (clients of a batch cannot be "
             "timed one by one); use engine=inline or engine=ray"
         )
+    if cfg["client"].get("mods"):
+        raise ConfigError(
+            "client.mods: Flower mods wrap the ClientApp, which the batched trainer bypasses for "
+            "training; use engine=inline or engine=ray"
+        )
     max_batch = eng.get("max_batch")
     if max_batch is not None and int(max_batch) < 1:
         raise ConfigError(f"engine.max_batch: must be >= 1 or null (got {max_batch})")
