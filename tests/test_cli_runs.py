@@ -56,6 +56,14 @@ def test_sweep_goes_on_after_a_bad_job_and_exit_counts_failures(tmp_path, monkey
     assert all(v == "ok" for k, v in done.items() if k not in bad)
     good = [k for k in done if k.endswith("rounds=2")]
     assert len(read_metrics(tmp_path / good[0])) == 2  # job 2 ran after the failed job 1
+    # relaunching the same sweep skips the finished jobs (a rerun would rewrite summary.json)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/summary.json")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 1
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/summary.json")}
+    assert after == before  # finished runs were not rewritten; the bad job failed again, before writing
 
 
 def test_no_training_exits_3(tmp_path, monkeypatch):
@@ -115,3 +123,17 @@ def test_sigkill_then_resume_is_bitwise_equal_inline(tmp_path):
     assert json.loads((killed / "summary.json").read_text())["status"] == "ok"
     assert not (killed / "checkpoint").exists()
 
+
+
+def test_joblib_sweep_2x2x2(tmp_path):
+    """A 2 x 2 x 2 sweep through Hydra's joblib launcher (2 jobs at a time, one torch thread
+    each) completes and is summarised by fedsim-report."""
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "strategy=fedavg,fedmedian",
+            "threat=none,signflip", "seed=0,1", "rounds=2", "num_clients=5", "client.num_threads=1",
+            "dataset.max_samples=300", f"hydra.sweep.dir={tmp_path}"]
+    out, _ = fedsim(*args).communicate(timeout=300)
+    assert "sweep: 8 jobs finished" in out, out
+    from fedsim import report
+
+    rep = report.build([tmp_path])
+    assert rep["keys"] == ["strategy", "threat"] and [r["n"] for r in rep["rows"]] == [2, 2, 2, 2]
