@@ -133,7 +133,8 @@ def worker_engine(engine: str, data: Path, num_clients: int, sampled: int, out: 
     cpu = _time_rounds_cpu()
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        summary = run_experiment(compose_config(overrides(data, num_clients, sampled, engine)), run_dir)
+        ov = overrides(data, num_clients, sampled, engine) + ["output.overwrite=true"]  # timings: always rerun
+        summary = run_experiment(compose_config(ov), run_dir)
         wall = time.perf_counter() - t0
     secs = [r["seconds"] for r in read_metrics(run_dir)]
     out.write_text(json.dumps({
