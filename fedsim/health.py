@@ -2,8 +2,9 @@
 
 Every run is watched round by round (the harness does this whatever the strategy):
 
-* **diverged at round r**: the first round whose train or test loss is not finite, or whose
-  train loss exceeds ``output.divergence_factor`` times the train loss of the first round
+* **diverged at round r**: the first round whose train or test loss is not finite, in which
+  every sampled client's reply was non-finite (the grid drops such replies, so the model
+  stops moving and the loss alone would not show it), or whose train loss exceeds ``output.divergence_factor`` times the train loss of the first round
   that recorded one (default 10; 0 turns the explosion check off). The first round's loss is
   the loss of (nearly) the initial model, so a run whose clients' loss grows ten-fold past its
   starting point has left the region where training makes progress (SCAFFOLD beyond its
@@ -66,6 +67,8 @@ class RunHealth:
         reason = ""
         if _bad(train) or _bad(test):
             reason = "non-finite " + ("train" if _bad(train) else "test") + " loss"
+        elif row.get("sampled") and row.get("nonfinite", 0) == row["sampled"]:
+            reason = "every client's reply was non-finite (dropped)"
         elif train is not None:
             if self.ref_loss is None:
                 self.ref_loss = float(train)

@@ -138,6 +138,13 @@ def test_health_divergence_by_explosion_and_nonfinite():
     h = RunHealth()
     h.update({"round": 1, "train_loss": 1.0, "test_loss": float("inf"), "replied": 1})
     assert h.status() == "diverged at round 1" and "test" in h.reason
+    h = RunHealth()  # every reply NaN (dropped by the grid): the model stops, the loss says nothing
+    h.update({"round": 1, "train_loss": 1.0, "replied": 4, "sampled": 4, "nonfinite": 0})
+    h.update({"round": 2, "train_loss": None, "replied": 0, "sampled": 4, "nonfinite": 4})
+    assert h.status() == "diverged at round 2" and "non-finite" in h.reason
+    h = RunHealth()  # one NaN attacker among four is an attack, not divergence
+    h.update({"round": 1, "train_loss": 1.0, "replied": 3, "sampled": 4, "nonfinite": 1})
+    assert h.status() == "ok"
 
 
 def test_health_no_training():
