@@ -133,3 +133,48 @@ def test_joblib_sweep_2x2x2(tmp_path):
 
     rep = report.build([tmp_path])
     assert rep["keys"] == ["strategy", "threat"] and [r["n"] for r in rep["rows"]] == [2, 2, 2, 2]
+
+
+def test_disk_full_is_one_line_exit_1_and_no_summary(tmp_path, monkeypatch, caplog):
+    """The final model does not fit: the CLI says which file and that the disk is full, exits 1,
+    and writes no summary.json (which would mark the run complete)."""
+    import errno
+
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        if getattr(f, "name", "").endswith(f"model.pt.tmp-{os.getpid()}"):
+            f.write(b"x" * 16000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(sys, "argv", ["fedsim", "rounds=1", *FAST, f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 1
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "model.pt").exists()
+    log = (tmp_path / "fedsim.log").read_text()
+    assert f"output error: disk full while writing {tmp_path}/model.pt" in log
+
+
+def test_error_mid_run_records_failed_status(tmp_path, monkeypatch):
+    """An error in round 2 leaves round 1's records (jsonl and csv) and a summary that says why."""
+    import fedsim.server as server
+
+    calls = {"n": 0}
+    real = server.evaluate_model
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("evaluation exploded")
+        return real(*a, **k)
+
+    monkeypatch.setattr(server, "evaluate_model", boom)
+    with pytest.raises(RuntimeError):
+        run_experiment(compose_config(FAST + ["rounds=3"]), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed: RuntimeError: evaluation exploded" and summary["rounds"] == 1
+    assert len(read_metrics(tmp_path)) == 1 and (tmp_path / "metrics.csv").read_text().count("\n") == 2
+    assert not (tmp_path / ".fedsim.lock").exists()  # released
