@@ -129,6 +129,7 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
             "wall_time": time.time() - recorder.t0,
         }
         checkpoint.save(Path(run_dir), server_round, arrays, strategy, states, harness)
+        recorder.write_tables()  # metrics.csv up to date with the checkpoint
 
     def on_round_boundary(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         res: MetricRecord | None = None
