@@ -147,6 +147,24 @@ def test_health_divergence_by_explosion_and_nonfinite():
     assert h.status() == "ok"
 
 
+def test_health_reference_is_the_initial_loss():
+    h = RunHealth(10.0)
+    h.set_initial_loss(2.3)  # the untrained model
+    h.update({"round": 1, "train_loss": 3e19, "replied": 3})  # exploded within round 1
+    assert h.status() == "diverged at round 1"
+    h = RunHealth(10.0)
+    h.set_initial_loss(2.3)
+    for r in _rows([0.5, 0.3, 4.0, 6.0]):  # the lower first train loss becomes the reference
+        h.update(r)
+    assert h.status() == "diverged at round 4" and h.ref_loss == 0.5
+
+
+def test_run_diverging_in_round_one_is_flagged(run):
+    summary, rows, run_dir = run("client.lr=20", "rounds=2")
+    assert summary["status"] == "diverged at round 1", summary.get("divergence")
+    assert summary["initial_test_loss"] > 0 and rows[0]["train_loss"] > 10 * summary["initial_test_loss"]
+
+
 def test_health_no_training():
     h = RunHealth()
     for r in _rows([None, None, None], replied=0):
@@ -320,5 +338,5 @@ def test_resume_is_bitwise_equal_for_every_state_kind(strategy, tmp_path, monkey
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(ref)]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(stopped)]
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ref, stopped))
-    for key in ("detection", "participation", "status"):
+    for key in ("detection", "participation", "status", "initial_test_loss"):
         assert sa.get(key) == sb.get(key)
