@@ -167,7 +167,7 @@ def test_error_mid_run_records_failed_status(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:  # the initial model, round 1, then round 2
             raise RuntimeError("evaluation exploded")
         return real(*a, **k)
 
