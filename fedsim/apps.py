@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import shlex
-import time
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ def _main(grid: Grid, context: Context) -> None:
     quiet_flower()
     cfg = app_config(context.run_config, len(list(grid.get_node_ids())))
     parent = Path(str(context.run_config.get("output-dir", "") or "outputs/flwr"))
-    run_dir = (parent / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
+    run_dir = (parent / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")).resolve()  # unique: never shared
     log.info("fedsim (flwr run): %d clients, %d rounds; results in %s", cfg["num_clients"], cfg["rounds"], run_dir)
     summary = run_server(grid, cfg, run_dir, engine="flower")
     log.info("done: final accuracy %s; results in %s", summary["final_accuracy"], run_dir)

@@ -43,9 +43,10 @@ def _interrupted() -> None:
 def _record_failure(run_dir: Path, err: BaseException) -> None:
     """A sweep job that failed before or while running leaves a summary that says so."""
     from fedsim.results import OutputError, read_summary, write_json
+    from fedsim.rundir import RunDirError
 
-    if read_summary(run_dir) is not None:
-        return  # the recorder already wrote one
+    if isinstance(err, RunDirError) or read_summary(run_dir) is not None:
+        return  # not our directory to write in, or the recorder already wrote one
     first = str(err).splitlines()[0] if str(err) else ""
     try:
         write_json(run_dir / "summary.json", {"status": f"failed: {type(err).__name__}: {first}"})

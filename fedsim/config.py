@@ -156,7 +156,7 @@ class OutputConfig:
     checkpoint_every: int = 0  # write a resumable checkpoint every k rounds (0 = never); docs/sweeps.md
     resume: bool = False  # continue an unfinished run from the checkpoint in its directory
     overwrite: bool = False  # replace the results already in the run directory (else: skip/refuse)
-    divergence_factor: float = 10.0  # status "diverged" when train loss > this x round 1's (0 = off)
+    divergence_factor: float = 10.0  # status "diverged" when train loss > this x the initial loss (0 = off)
     tensorboard: bool = False  # per-round scalars in run_dir/tensorboard (torch.utils.tensorboard)
     progress: str = "auto"  # auto (rich bar on a terminal, not in -m sweeps) | bar | plain
 

@@ -264,7 +264,8 @@ def plot_heatmap(rep: dict[str, Any], path: Path) -> bool:
     for i in range(len(threats)):
         for j in range(len(strategies)):
             if not math.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
+                bright = im.norm(grid[i, j]) > 0.5  # dark text on the light end of viridis
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="k" if bright else "w", fontsize=8)
     fig.colorbar(im, ax=ax, label=f"final {rep['metric']}")
     ax.set_xlabel("strategy (defense)")
     ax.set_ylabel("threat (attack)")

@@ -119,6 +119,7 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
         state, tensors = resumed
         start_round, rows, elapsed = int(state["round"]), state["rows"], float(state.get("wall_time", 0.0))
         health.load_state_dict(state["health"])
+        initial_metrics = state.get("initial", {})
         fgrid.stats = {int(r): RoundStats(**st) for r, st in state["stats"].items()}
         checkpoint.load_strategy_state(strategy, tensors["strategy"])
         for pid, t in tensors["clients"].items():
@@ -126,6 +127,8 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
         initial = checkpoint.model_of(tensors)
         log.info("resuming after round %d from %s", start_round, Path(run_dir) / checkpoint.CHECKPOINT_DIR)
     recorder = Recorder(run_dir, cfg, rows=rows)
+    if resumed is not None:
+        recorder.extra_summary.update(initial_metrics)
     recorder.t0 -= elapsed
     x_test, y_test = data.test()
     every = int(cfg["eval"]["every"])
@@ -138,9 +141,11 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
             "rows": recorder.rows,
             "stats": {str(r): dataclasses.asdict(st) for r, st in fgrid.stats.items() if r <= server_round},
             "health": health.state_dict(),
+            "initial": {k: recorder.extra_summary.get(k) for k in ("initial_test_accuracy", "initial_test_loss")},
             "wall_time": time.time() - recorder.t0,
         }
         checkpoint.save(Path(run_dir), server_round, arrays, strategy, states, harness)
+        recorder.write_tables()  # metrics.csv up to date with the checkpoint
 
     def evaluate_arrays(arrays: ArrayRecord, max_samples: int | None = None) -> tuple[float, float]:
         """(loss, accuracy) of any model on the test set (its first ``max_samples`` examples)."""
@@ -151,6 +156,11 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
     def on_round_boundary(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         res: MetricRecord | None = None
         last_arrays[0] = arrays
+        if server_round == 0:  # the initial model's loss: divergence's reference (fedsim.health)
+            model.load_state_dict(arrays.to_torch_state_dict())
+            loss0, acc0 = evaluate_model(model, x_test, y_test, device, int(cfg["eval"]["batch_size"]))
+            health.set_initial_loss(loss0)
+            recorder.extra_summary.update(initial_test_accuracy=acc0, initial_test_loss=loss0)
         if server_round > start_round:
             row: dict[str, Any] = {"round": server_round}
             if server_round % every == 0 or server_round == rounds:

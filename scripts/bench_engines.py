@@ -153,6 +153,7 @@ def worker_engine(engine: str, data: Path, num_clients: int, sampled: int, out: 
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         ov = overrides(data, num_clients, sampled, "ray" if engine == "ray-batched" else engine, workload)
+        ov.append("output.overwrite=true")  # timings: always rerun
         if engine == "ray-batched":
             ov.append("engine.batched=true")
         summary = run_experiment(compose_config(ov), run_dir)

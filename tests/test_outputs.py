@@ -138,6 +138,31 @@ def test_health_divergence_by_explosion_and_nonfinite():
     h = RunHealth()
     h.update({"round": 1, "train_loss": 1.0, "test_loss": float("inf"), "replied": 1})
     assert h.status() == "diverged at round 1" and "test" in h.reason
+    h = RunHealth()  # every reply NaN (dropped by the grid): the model stops, the loss says nothing
+    h.update({"round": 1, "train_loss": 1.0, "replied": 4, "sampled": 4, "nonfinite": 0})
+    h.update({"round": 2, "train_loss": None, "replied": 0, "sampled": 4, "nonfinite": 4})
+    assert h.status() == "diverged at round 2" and "non-finite" in h.reason
+    h = RunHealth()  # one NaN attacker among four is an attack, not divergence
+    h.update({"round": 1, "train_loss": 1.0, "replied": 3, "sampled": 4, "nonfinite": 1})
+    assert h.status() == "ok"
+
+
+def test_health_reference_is_the_initial_loss():
+    h = RunHealth(10.0)
+    h.set_initial_loss(2.3)  # the untrained model
+    h.update({"round": 1, "train_loss": 3e19, "replied": 3})  # exploded within round 1
+    assert h.status() == "diverged at round 1"
+    h = RunHealth(10.0)
+    h.set_initial_loss(2.3)
+    for r in _rows([0.5, 0.3, 4.0, 6.0]):  # the lower first train loss becomes the reference
+        h.update(r)
+    assert h.status() == "diverged at round 4" and h.ref_loss == 0.5
+
+
+def test_run_diverging_in_round_one_is_flagged(run):
+    summary, rows, run_dir = run("client.lr=20", "rounds=2")
+    assert summary["status"] == "diverged at round 1", summary.get("divergence")
+    assert summary["initial_test_loss"] > 0 and rows[0]["train_loss"] > 10 * summary["initial_test_loss"]
 
 
 def test_health_no_training():
@@ -278,3 +303,40 @@ def test_tensorboard_scalars_and_progress_bar(run):
     assert [e.step for e in events] == [1, 2]
     assert [e.value for e in events] == pytest.approx([r["test_accuracy"] for r in rows])
     assert "train_loss" in acc.Tags()["scalars"]
+
+
+# --- checkpoint/resume across strategy families (in-process) ------------------------------------------
+@pytest.mark.parametrize("strategy", [
+    ["strategy=fedavgm"],  # Flower's server momentum (FedAdam/FedYogi: the same mechanism, m_t/v_t)
+    ["strategy=fedau", "participation=bernoulli", "participation/probs=constant", "participation.probs.p=0.5"],
+    ["strategy=mifa", "participation=markov", "participation/probs=constant", "participation.probs.p=0.5"],
+    ["strategy=mudhog", "strategy.tau0=1", "threat=signflip", "num_clients=8"],  # sets, deques, dataclasses
+    ["strategy=foolsgold", "client.persist_optimizer=true", "client.momentum=0.9"],  # client optimizer state
+])
+def test_resume_is_bitwise_equal_for_every_state_kind(strategy, tmp_path, monkeypatch):
+    from fedsim.compose import compose_config
+    from fedsim.experiment import run_experiment
+
+    ov = ["rounds=5", "num_clients=4", "client.steps=3", "dataset.max_samples=300", "seed=2",
+          "output.checkpoint_every=2", *strategy]
+    ref, stopped = tmp_path / "ref", tmp_path / "stopped"
+    run_experiment(compose_config(ov), ref)
+    real_add = Recorder.add
+
+    def add_then_stop(self, row):
+        real_add(self, row)
+        if row["round"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Recorder, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(compose_config(ov), stopped)
+    monkeypatch.setattr(Recorder, "add", real_add)
+    run_experiment(compose_config(ov + ["output.resume=true"]), stopped)
+    a, b = torch.load(ref / "model.pt", weights_only=True), torch.load(stopped / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(ref)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(stopped)]
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ref, stopped))
+    for key in ("detection", "participation", "status", "initial_test_loss"):
+        assert sa.get(key) == sb.get(key)

@@ -81,3 +81,51 @@ def test_sweep_failure_count_ignores_diverged(sweep):
     runs = report.find_runs([sweep])
     assert len(runs) == 8
     assert sorted(d.name for d in runs if report.sweep_failed(d)) == ["h"]
+
+
+def test_fedau_experiment_is_a_hydra_sweep():
+    """``fedsim -m +experiment=fedau_markov`` sweeps the seven arms (each with its learning
+    rates) over three seeds: the axes live in the experiment config."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fedsim.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="fedsim.configs", version_base=None):
+        cfg = compose("config", overrides=["+experiment=fedau_markov", "+fedau_arm=avg_participating"],
+                      return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert cfg.strategy._target_ == "strategies.fedau.AvgParticipating"
+    assert cfg.strategy.global_lr == 1.78 and cfg.client.lr == 0.0562 and cfg.participation.name == "markov"
+    params = cfg.hydra.sweeper.params
+    assert params["+fedau_arm"].split(",") == ["fedau", "fedau_k50", "avg_participating", "avg_all",
+                                               "known_prob", "mifa", "fedvarp"]
+    assert params["seed"] == "0,1,2"
+
+
+@pytest.mark.parametrize("experiment,group", [("momentum", "momentum_arm"), ("mudhog", "mudhog_arm"),
+                                              ("fedau_cyclic", "fedau_arm")])
+def test_experiment_arms_compose_and_validate(experiment, group):
+    """Every arm of every paper sweep composes and passes validation (targets accept their
+    arguments); digits stands in for mnist10k so the test needs no data file."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from fedsim.config import register_configs, validate
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="fedsim.configs", version_base=None):
+        arms = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+        arms = arms.hydra.sweeper.params[f"+{group}"].split(",")
+        targets = set()
+        for arm in arms:
+            cfg = compose("config", overrides=[f"+experiment={experiment}", f"+{group}={arm}", "dataset=digits"])
+            validate(cfg)
+            targets.add(OmegaConf.to_yaml({"s": cfg.strategy, "t": cfg.threat, "c": cfg.client}))
+    GlobalHydra.instance().clear()
+    assert len(targets) == len(arms)  # every arm is a different configuration
+    assert len(arms) >= 6
