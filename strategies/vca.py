@@ -25,7 +25,8 @@ Node i with own model w_i and received models w_1..w_m (m >= 1), per tensor l:
     ``FollowSelfVariance`` is handed the already merged model, so there t = c and the correction
     is a no-op; we implement the C++ meaning;
   * ``"follow_beta"``: t = beta * Var(w_i[l]) + (1 - beta) * (1/m) sum_j Var(w_j[l])
-    (DFL_torch ``FollowConservative``, own variance taken before merging as above).
+    (DFL_torch ``FollowConservative``; its in-place blend hands it the merged model's variance
+    too; we take the own variance before merging, as for ``"self"``).
 
 Why the correction: averaging m *uncorrelated* tensors of equal variance s^2 gives variance
 (beta^2 + (1 - beta)^2 / m) s^2, which drives weights far below the scale their initialisation

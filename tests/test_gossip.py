@@ -142,3 +142,12 @@ def test_common_init_and_metrics_file(run):
     _, indep, _ = run(*ov, name="indep")
     assert common[0]["consensus_distance"] < 0.2 * indep[0]["consensus_distance"]
     assert read_metrics(d)[-1]["nodes_known"] == 4
+
+def test_common_init_reaches_late_joiners(run):
+    """A node first active in a later round still gets the common initial model (no failures)."""
+    ov = ["strategy=gossip", "topology=ring", "strategy.init=common", "num_clients=6", "rounds=4",
+          "participation.fraction=0.34", "client.steps=1", "client.num_threads=1", "eval.every=4"]  # fmt: skip
+    _, rows, _ = run(*ov, name="late")
+    assert sum(r["failed"] for r in rows) == 0 and all(r["replied"] == 2 for r in rows)
+    assert rows[-1]["nodes_known"] > 2  # nodes joined after round 1
+
