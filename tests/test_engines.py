@@ -32,7 +32,7 @@ PARITY = [
     "engine.client_timeout=5", "client.num_threads=1",
 ]
 # ray pre-empts the sleeper, the others wait for it; one Flower actor is enough (and starts faster)
-EXTRA = {"inline": ["+strategy.sleep_s=6"], "ray": ["+strategy.sleep_s=120"],
+EXTRA = {"inline": ["+strategy.sleep_s=6"], "ray": ["+strategy.sleep_s=400"],
          "flower": ["+strategy.sleep_s=6", "engine.client_resources.num_cpus=2"]}
 
 
@@ -69,7 +69,7 @@ def test_parity_and_failures_inline_ray_flower(ray_session, run, monkeypatch):
             took[e] = time.monotonic() - t0
     finally:
         torch.set_num_threads(threads)  # the inline run set this process's count
-    assert took["ray"] < 120  # the sleeper was killed, not waited for
+    assert took["ray"] < 400  # the sleeper (400 s) was killed, not waited for (margin for a loaded box)
     ref_rows = _comparable(results["inline"][1])
     ref_model = torch.load(results["inline"][2] / "model.pt")
     failed = {1: "injected failure in partition 1", 2: "client_timeout", 3: "injected crash in partition 3"}
