@@ -137,7 +137,12 @@ def _check_fedavg(s: Any, setup: SetupInfo) -> None:
 
 
 def _check_multikrum(s: Any, setup: SetupInfo) -> None:
-    """Krum / Multi-Krum (Blanchard et al., NeurIPS 2017, Prop. 1): n > 2f + 2 updates; m <= n."""
+    """Krum / Multi-Krum (Blanchard et al., NeurIPS 2017, Prop. 1): the guarantee needs n > 2f + 2
+    updates; m <= n.
+
+    n <= 2f + 2 is a warning, not an error: Flower's Krum still scores each update against its
+    max(1, n - f - 2) nearest ones, and papers run it beyond its guarantee on purpose (MUD-HoG's
+    47.5 % attackers with f = 19 of 40) to show that it breaks."""
     f = int(s.num_malicious_nodes)
     m = int(getattr(s, "num_nodes_to_select", 1))
     name = type(s).__name__
@@ -146,14 +151,14 @@ def _check_multikrum(s: Any, setup: SetupInfo) -> None:
     if m < 1:
         _fail("strategy.num_nodes_to_select", f"must be >= 1 (got {m})")
     lo, hi = setup.trained(s)
-    if hi <= 2 * f + 2:
-        _fail(
-            "strategy.num_malicious_nodes",
-            f"{name} needs more than 2f+2 = {2 * f + 2} updates per round (Blanchard et al. 2017) but "
-            f"{setup.per_round()}; lower strategy.num_malicious_nodes (f={f}) or raise num_clients",
-        )
     if lo <= 2 * f + 2:
-        setup.warn(f"strategy.num_malicious_nodes: rounds with <= 2f+2 = {2 * f + 2} updates ({setup.per_round()}) are outside {name}'s guarantee")
+        some = "rounds" if hi <= 2 * f + 2 else "some rounds"
+        setup.warn(
+            f"strategy.num_malicious_nodes: {some} have <= 2f+2 = {2 * f + 2} updates ({setup.per_round()}), "
+            f"outside {name}'s guarantee (Blanchard et al. 2017); each update is scored against its "
+            f"max(1, n-f-2) nearest; lower strategy.num_malicious_nodes (f={f}) or raise num_clients "
+            f"if that is not what you meant"
+        )
     if m > lo:
         if m > hi:
             _fail("strategy.num_nodes_to_select", f"{m} but only {setup.per_round()}; Multi-Krum would average every update")
