@@ -104,14 +104,15 @@ def table(out: Path, rounds: int = 11) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / "outputs" / "backdoor_table"))
+    ap.add_argument("--out", default=None, help="default: outputs/backdoor_table (seed 0), outputs/backdoor_table_sN")
     ap.add_argument("--pretrain-rounds", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", action="store_true", help="only rebuild the table")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     args = ap.parse_args()
-    out = Path(args.out)
+    suffix = "" if args.seed == 0 else f"_s{args.seed}"
+    out = Path(args.out) if args.out else ROOT / "outputs" / f"backdoor_table{suffix}"
     if not args.table:
         os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         import torch
@@ -121,7 +122,7 @@ def main() -> None:
         if not data.is_file():
             sys.exit(f"mnist10k not found at {data}: set FEDSIM_MNIST10K")
         os.environ["FEDSIM_MNIST10K"] = str(data)
-        pre = ROOT / "outputs" / "backdoor_pretrain"
+        pre = ROOT / "outputs" / f"backdoor_pretrain{suffix}"  # per seed: the test split depends on it
         ckpt = pre / "model.pt"
         if not ckpt.exists():
             _run(["+experiment=backdoor_table", "threat=none", "init.checkpoint=null", f"rounds={args.pretrain_rounds}",
@@ -132,7 +133,7 @@ def main() -> None:
             for s in args.strategies.split(","):
                 _run(base + [f"strategy={s}", f"threat={a}"], out / f"{s}__{a}")
     res = table(out)
-    (out / "table.json").parent.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps(res, indent=2))
     print("final round (an attack round):")
     print(res["markdown_final"])

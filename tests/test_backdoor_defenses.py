@@ -68,3 +68,60 @@ def test_median_clip_and_norm_clip():
     mask = np.array([True, False])  # second coordinate is a buffer: never clipped
     c = clip_updates(u, mask, 2.0)
     assert np.allclose(c, [[2.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
+
+
+def _round(updates: np.ndarray, n_examples=None):
+    from strategies.common import RoundUpdates
+
+    n = len(updates)
+    return RoundUpdates(list(range(100, 100 + n)), updates, np.asarray(n_examples or [1.0] * n), [])
+
+
+def _bind(strategy, global_vec: np.ndarray, buffer: int = 1):
+    from flwr.app import Array, ArrayRecord
+
+    d = len(global_vec) - buffer
+    strategy.global_arrays = ArrayRecord({"fc.weight": Array(global_vec[:d].astype(np.float32)),
+                                          "bn.running_mean": Array(global_vec[d:].astype(np.float32))})
+    strategy.global_vec = global_vec.astype(np.float64)
+
+
+def test_multimetric_strategy_scores_parameters_only_and_averages_the_kept():
+    from strategies.multimetric import MultiMetrics
+
+    hand = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [2.0, 0.0]])
+    buffers = np.array([[0.0], [50.0], [-70.0], [9.0]])  # wild BatchNorm statistics: must not count
+    mm = MultiMetrics(use_weights=False)
+    _bind(mm, np.zeros(3))
+    new = mm.aggregate_updates(1, _round(np.hstack([hand, buffers])))
+    assert mm.last_kept == [100] and mm.last_dropped == [101, 102, 103]  # the hand-computed choice
+    assert set(mm.flagged()) == {101, 102, 103}
+    assert np.allclose(new, [1.0, 0.0, 0.0])  # client 0's whole model, buffer included
+    # the authors' default scores the full weights x + Delta: a shifted global changes the geometry
+    mw = MultiMetrics(use_weights=True)
+    _bind(mw, np.array([10.0, 0.0, 0.0]))
+    mw.aggregate_updates(1, _round(np.hstack([hand, buffers])))
+    weights = hand + np.array([10.0, 0.0])  # x + Delta over the parameters, buffers left out
+    expected = multimetric_select(multimetric_scores(multimetric_features(weights)), 0.3)
+    assert mw.last_kept == [100 + int(i) for i in expected]
+    assert mw.last_scores[100] == pytest.approx(multimetric_scores(multimetric_features(weights))[0])
+    assert mw.last_scores[100] != pytest.approx(27.0)  # not the update-based score
+
+
+def test_flame_strategy_flags_the_outlier_and_clips():
+    from strategies.flame import Flame
+
+    v = _planted(0)
+    f = Flame(noise_lambda=0.0, cluster_on="updates")
+    _bind(f, np.zeros(v.shape[1] + 1))
+    upd = np.hstack([v, np.zeros((len(v), 1))])
+    new = f.aggregate_updates(1, _round(upd))
+    assert 109 in f.flagged()
+    norms = np.linalg.norm(v, axis=1)
+    kept = [i for i in range(10) if 100 + i not in f.flagged()]
+    expected = median_clip(upd[kept], norms[kept], float(np.median(norms))).mean(0)
+    assert np.allclose(new, expected)
+    noisy = Flame(noise_lambda=0.001, cluster_on="updates", seed=3)
+    _bind(noisy, np.zeros(v.shape[1] + 1))
+    out = noisy.aggregate_updates(1, _round(upd))
+    assert out[-1] == expected[-1] and not np.allclose(out[:-1], expected[:-1])  # noise on parameters only
