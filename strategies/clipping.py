@@ -31,6 +31,8 @@ def clip_updates(updates: np.ndarray, mask: np.ndarray, bound: float) -> np.ndar
 class NormClipping(UpdateStrategy):
     """FedAvg of the norm-clipped updates (``norm_bound``, authors: 2)."""
 
+    checkpoint_attrs = ("dropped",)  # fedsim.checkpoint: no memory across rounds (noise seeded by round)
+
     def __init__(self, norm_bound: float = 2.0, **kwargs) -> None:
         super().__init__(**kwargs)
         if norm_bound <= 0:

@@ -61,6 +61,8 @@ class Flame(UpdateStrategy):
     """FLAME aggregation (see the module docstring); ``flagged()`` labels the clients outside
     the admitted cluster ``backdoor``."""
 
+    checkpoint_attrs = ("dropped",)  # fedsim.checkpoint: no memory across rounds (noise seeded by round)
+
     def __init__(self, noise_lambda: float = 0.001, cluster_on: str = "weights", seed: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         if noise_lambda < 0:

@@ -195,6 +195,10 @@ class Gossip(FedAvg):
     node_eval_samples : evaluate node models on the first this many test examples (None = all).
     """
 
+    # fedsim.checkpoint: the network state (the topology is redrawn, seeded, by bind_harness)
+    checkpoint_attrs = ("pushed", "latest", "first_var", "centre", "initial", "common_init", "seen",
+                        "relayed_bytes", "_last_records", "metrics_")
+
     def __init__(
         self,
         merge: str = "plain",

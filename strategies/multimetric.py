@@ -68,6 +68,8 @@ class MultiMetrics(UpdateStrategy):
     """Multi-metrics aggregation (see the module docstring). ``flagged()`` labels the clients
     dropped in the last round ``backdoor``, so detection precision/recall is scored."""
 
+    checkpoint_attrs = ("dropped",)  # fedsim.checkpoint: no memory across rounds
+
     def __init__(self, fraction: float = 0.3, use_weights: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         if not 0 < fraction <= 1:

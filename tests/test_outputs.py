@@ -312,6 +312,8 @@ def test_tensorboard_scalars_and_progress_bar(run):
     ["strategy=mifa", "participation=markov", "participation/probs=constant", "participation.probs.p=0.5"],
     ["strategy=mudhog", "strategy.tau0=1", "threat=signflip", "num_clients=8"],  # sets, deques, dataclasses
     ["strategy=foolsgold", "client.persist_optimizer=true", "client.momentum=0.9"],  # client optimizer state
+    ["strategy=multimetric", "threat=model_replacement", "num_clients=6"],
+    ["strategy=gossip", "topology=ring", "strategy.merge=vca"],  # node models in context.state + the relay
 ])
 def test_resume_is_bitwise_equal_for_every_state_kind(strategy, tmp_path, monkeypatch):
     from fedsim.compose import compose_config
