@@ -16,7 +16,6 @@ import numpy as np
 
 from fedsim.seeding import np_rng
 from strategies.common import RoundUpdates, UpdateStrategy, weighted_mean
-from strategies.multimetric import BUFFER_SUFFIXES
 
 
 def clip_updates(updates: np.ndarray, mask: np.ndarray, bound: float) -> np.ndarray:
@@ -39,15 +38,11 @@ class NormClipping(UpdateStrategy):
             raise ValueError("strategy.norm_bound: must be > 0")
         self.norm_bound = float(norm_bound)
 
-    def _param_mask(self) -> np.ndarray:
-        parts = [np.full(int(np.prod(a.shape)), not k.endswith(BUFFER_SUFFIXES))
-                 for k, a in self.global_arrays.items() if "float" in a.dtype]
-        return np.concatenate(parts)
 
     def aggregate_updates(self, server_round: int, ru: RoundUpdates) -> np.ndarray | None:
         if not ru.node_ids:
             return None
-        clipped = clip_updates(ru.updates, self._param_mask(), self.norm_bound)
+        clipped = clip_updates(ru.updates, self.param_mask(), self.norm_bound)
         return self.global_vec + weighted_mean(clipped, ru.num_examples)
 
 
@@ -64,7 +59,7 @@ class WeakDP(NormClipping):
         new = super().aggregate_updates(server_round, ru)
         if new is None or self.noise_std == 0:
             return new
-        mask = self._param_mask()
+        mask = self.param_mask()
         rng = np_rng(self.seed, "weakdp-noise", server_round)
         new[mask] += rng.normal(0.0, self.noise_std, size=int(mask.sum()))
         return new

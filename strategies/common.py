@@ -28,6 +28,9 @@ from flwr.serverapp.strategy import FedAvg
 log = logging.getLogger("fedsim")
 
 
+# state_dict entries that are buffers, not trainable parameters (BatchNorm)
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
 def flatten_record(rec: ArrayRecord) -> np.ndarray:
     """All floating-point arrays of ``rec`` concatenated (float64 for stable sums)."""
     return np.concatenate([a.numpy().astype(np.float64).ravel() for a in rec.values() if _is_float(a)])
@@ -118,6 +121,14 @@ class UpdateStrategy(FedAvg):
             content.update(self.extra_train_content(server_round, node))
             msgs.append(Message(RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN))
         return msgs
+
+    def param_mask(self) -> np.ndarray:
+        """Positions of trainable parameters in the flattened update vectors (the float entries,
+        without BatchNorm buffers): defenses that score or clip parameters only use it."""
+        assert self.global_arrays is not None, "param_mask() needs the round's global model"
+        parts = [np.full(int(np.prod(a.shape)), not k.endswith(BUFFER_SUFFIXES))
+                 for k, a in self.global_arrays.items() if "float" in a.dtype]
+        return np.concatenate(parts)
 
     def collect(self, server_round: int, replies: Iterable[Message]) -> RoundUpdates:
         """Valid, finite replies as a :class:`RoundUpdates` (partition order)."""

@@ -20,7 +20,6 @@ import numpy as np
 
 from fedsim.seeding import np_rng
 from strategies.common import RoundUpdates, UpdateStrategy
-from strategies.multimetric import BUFFER_SUFFIXES
 
 
 def cosine_distances(vectors: np.ndarray) -> np.ndarray:
@@ -75,15 +74,11 @@ class Flame(UpdateStrategy):
     def flagged(self) -> dict[int, str]:
         return {n: "backdoor" for n in self.last_dropped}
 
-    def _param_mask(self) -> np.ndarray:
-        parts = [np.full(int(np.prod(a.shape)), not k.endswith(BUFFER_SUFFIXES))
-                 for k, a in self.global_arrays.items() if "float" in a.dtype]
-        return np.concatenate(parts)
 
     def aggregate_updates(self, server_round: int, ru: RoundUpdates) -> np.ndarray | None:
         if not ru.node_ids:
             return None
-        mask = self._param_mask()
+        mask = self.param_mask()
         upd = ru.updates[:, mask]
         vecs = upd + self.global_vec[mask][None, :] if self.cluster_on == "weights" else upd
         admitted = flame_admitted(cosine_distances(vecs))

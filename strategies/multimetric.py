@@ -29,8 +29,6 @@ import numpy as np
 
 from strategies.common import RoundUpdates, UpdateStrategy
 
-BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-
 
 def multimetric_features(vectors: np.ndarray) -> np.ndarray:
     """``[n, 3]`` features (squared cosine distance, Manhattan, norm difference), each summed
@@ -82,19 +80,11 @@ class MultiMetrics(UpdateStrategy):
     def flagged(self) -> dict[int, str]:
         return {n: "backdoor" for n in self.last_dropped}
 
-    def _param_mask(self) -> np.ndarray:
-        """Positions of trainable parameters in the flattened vector (float arrays, no buffers)."""
-        parts = []
-        for key, arr in self.global_arrays.items():
-            if "float" not in arr.dtype:
-                continue
-            parts.append(np.full(int(np.prod(arr.shape)), not key.endswith(BUFFER_SUFFIXES)))
-        return np.concatenate(parts)
 
     def aggregate_updates(self, server_round: int, ru: RoundUpdates) -> np.ndarray | None:
         if not ru.node_ids:
             return None
-        mask = self._param_mask()
+        mask = self.param_mask()
         vecs = ru.updates[:, mask]
         if self.use_weights:
             vecs = vecs + self.global_vec[mask][None, :]
