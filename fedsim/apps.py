@@ -72,7 +72,10 @@ def _client_app(context: Context) -> ClientApp:
     n = int(context.node_config.get("num-partitions", 0))
     key = (str(context.run_config.get("overrides", "") or ""), n)
     if key not in _CLIENT_APPS:
-        _CLIENT_APPS[key] = make_client_app(app_config(context.run_config, n))
+        from fedsim.engines.base import client_threads
+
+        cfg = app_config(context.run_config, n)  # a client worker: num_threads=auto is 1 (fedsim.threads)
+        _CLIENT_APPS[key] = make_client_app({**cfg, "client": {**cfg["client"], "num_threads": client_threads(cfg)}})
     return _CLIENT_APPS[key]
 
 

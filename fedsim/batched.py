@@ -306,7 +306,7 @@ def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _schedule(jobs: list[Job], seed: int, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _schedule(jobs: list[Job], seed: int, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row offsets into the concatenated data, per step: sample rows ``[T, C, B]``, weights
     ``[T, C, B]`` (0 = padding) and active clients ``[T, C]``; the same batches as ``client_train``."""
     from fedsim.seeding import torch_gen
@@ -331,7 +331,7 @@ def _schedule(jobs: list[Job], seed: int, bs: int) -> tuple[torch.Tensor, torch.
                 weight[t, c, : len(idx)] = 1.0
         active[: len(steps), c] = True
         offset += n
-    return rows, weight, active, torch.tensor([len(j.y) for j in jobs])
+    return rows, weight, active
 
 
 def train_chunk(jobs: list[Job], cfg: dict[str, Any], rt: Any) -> list[RecordDict]:
@@ -367,7 +367,7 @@ def train_chunk(jobs: list[Job], cfg: dict[str, Any], rt: Any) -> list[RecordDic
     y_all = torch.cat([j.y for j in jobs] or [jobs[0].y]).to(dev)
     if len(y_all) == 0:
         x_all, y_all = torch.zeros(1, *jobs[0].x.shape[1:], dtype=jobs[0].x.dtype, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
-    rows, weight, active, _ = _schedule(jobs, int(cfg["seed"]), bs)
+    rows, weight, active = _schedule(jobs, int(cfg["seed"]), bs)
     rows, weight = rows.to(dev), weight.to(dev)
     hooked = [c for c, j in enumerate(jobs) if j.data_hooks]
     any_wd = bool((wd != 0).any())
@@ -392,6 +392,7 @@ def train_chunk(jobs: list[Job], cfg: dict[str, Any], rt: Any) -> list[RecordDic
 
     def grad_fn(p: Tensors, o: Tensors, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> Tensors:
         return grad_1(p, o, x, y) if w is None else grad_w(p, o, x, y, w)
+
     full_batch = weight.flatten(1).all(1).tolist()  # steps where no client has padding
 
     lr_v, wd_v, mom_v = ({n: _view(v, params[n]) for n in names} for v in (lr, wd, mom))

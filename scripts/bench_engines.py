@@ -8,7 +8,8 @@ temporary ``.npz``. Every engine runs with one torch thread per client process
 (``client.num_threads=1``) and Ray's default of one CPU per client.
 
 ``--workload lenet`` is the LeNet-5 / MNIST-shaped workload instead: 28x28 images (rows of
-``../shared/data/mnist10k.npz`` when present, else the digits upscaled to 28x28 with noise),
+``$FEDSIM_MNIST10K`` or ``../shared/data/mnist10k.npz`` when present, else the digits upscaled to
+28x28 with noise),
 LeNet-5, the same 100 clients x 50 samples, batch 10.
 
 The *vmap floor* (``floor``) is every client of a round trained at once with
@@ -47,7 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES, BATCH, ROUNDS, SEED, LR = 50, 10, 3, 0, 0.1
-MNIST = ROOT.parent / "shared" / "data" / "mnist10k.npz"
+MNIST = Path(os.environ.get("FEDSIM_MNIST10K", ROOT.parent / "shared" / "data" / "mnist10k.npz"))  # as configs/dataset/mnist10k.yaml
 MODELS = {"mlp": "model=mlp", "lenet": "model=lenet5"}
 
 

@@ -153,7 +153,7 @@ def test_schedule_draws_client_train_batches():
 
     jobs = [SimpleNamespace(y=torch.zeros(n), total=t, pid=p, run=SimpleNamespace(server_round=2))
             for p, (n, t) in enumerate([(7, 3), (3, 1), (0, 2)])]
-    rows, weight, active, _ = _schedule(jobs, 5, 4)
+    rows, weight, active = _schedule(jobs, 5, 4)
     assert active.tolist() == [[True, True, True], [True, False, True], [True, False, False]]
     for c, off in ((0, 0), (1, 7)):
         ref = list(batches(len(jobs[c].y), 4, jobs[c].total, torch_gen(5, "batches", 2, c)))
