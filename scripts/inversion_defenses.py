@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -62,7 +63,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("docs/inversion_defenses"))
     ap.add_argument("--only", default="", help="comma-separated subset of " + ",".join(SWEEPS))
+    ap.add_argument("--from-log", type=Path, default=None, help="only re-plot the progress lines of a stopped run")
     a = ap.parse_args()
+    if a.from_log is not None:
+        write(from_log(a.from_log), list(SWEEPS), a.out)
+        return
     torch.set_num_threads(1)
     only = [s for s in a.only.split(",") if s] or list(SWEEPS)
     res: dict = {}
@@ -80,26 +85,42 @@ def main() -> None:
             print(f"{kind}={v}: median {s['psnr_median']:.1f} dB, success {s['success_rate']:.2f}, "
                   f"labels {s['label_accuracy']:.2f}, n={s['n']}", flush=True)
     res["cpu_seconds"] = round(time.process_time() - t0, 1)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    write(res, only, a.out)
+
+
+def from_log(log: Path) -> dict:
+    """Rebuild the results from the script's own progress lines (a run stopped part-way)."""
+    res: dict = {}
+    for line in log.read_text().splitlines():
+        m = re.match(r"(\w+)=([\d.e-]+): median ([\d.]+) dB, success ([\d.]+), labels ([\d.]+), n=(\d+)", line)
+        if m:
+            res.setdefault(m[1], []).append({"value": float(m[2]), "psnr_median": float(m[3]), "success_rate": float(m[4]),
+                                             "label_accuracy": float(m[5]), "n": int(m[6])})
+    return res
+
+
+def write(res: dict, only: list[str], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    only = [k for k in only if res.get(k)]
     fig, axes = plt.subplots(1, len(only), figsize=(2.6 * len(only), 2.4), squeeze=False)
     for ax, kind in zip(axes[0], only):
         xs = list(range(len(res[kind])))
         ax.plot(xs, [r["success_rate"] for r in res[kind]], "o-", label="success (>=30 dB)")
         ax.plot(xs, [r["psnr_median"] / 100 for r in res[kind]], "s--", label="median PSNR / 100 dB")
-        ax.set_xticks(xs, [str(r["value"]) for r in res[kind]], fontsize=7)
+        ax.set_xticks(xs, [f"{r['value']:g}" for r in res[kind]], fontsize=7)
         ax.set_title(kind, fontsize=8)
         ax.set_ylim(-0.05, 1.05)
     axes[0][0].legend(fontsize=6)
     fig.suptitle("iDLG vs client-side defenses (MNIST, sigmoid LeNet)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(a.out.with_suffix(".png"), dpi=72)
-    print(f"wrote {a.out}.json/.png, CPU {res['cpu_seconds']}s")
+    fig.savefig(out.with_suffix(".png"), dpi=72)
+    print(f"wrote {out}.json/.png")
 
 
 if __name__ == "__main__":
