@@ -63,11 +63,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("docs/inversion_defenses"))
     ap.add_argument("--only", default="", help="comma-separated subset of " + ",".join(SWEEPS))
-    ap.add_argument("--from-log", type=Path, default=None, help="only re-plot the progress lines of a stopped run")
+    ap.add_argument("--from-log", type=Path, nargs="*", default=None, help="only re-plot the progress lines of runs")
+    ap.add_argument("--values", default="", help="override sweep values, e.g. 'noise_std=0,1e-5,1e-4;prune_pct=0,10'")
     a = ap.parse_args()
     if a.from_log is not None:
         write(from_log(a.from_log), list(SWEEPS), a.out)
         return
+    for item in filter(None, a.values.split(";")):
+        kind, vals = item.split("=", 1)
+        SWEEPS[kind] = [float(v) for v in vals.split(",")]
     torch.set_num_threads(1)
     only = [s for s in a.only.split(",") if s] or list(SWEEPS)
     res: dict = {}
@@ -88,15 +92,17 @@ def main() -> None:
     write(res, only, a.out)
 
 
-def from_log(log: Path) -> dict:
-    """Rebuild the results from the script's own progress lines (a run stopped part-way)."""
+def from_log(logs: list[Path]) -> dict:
+    """Rebuild the results from the script's own progress lines (runs stopped part-way, or
+    several runs over different values); one entry per value, sorted."""
     res: dict = {}
-    for line in log.read_text().splitlines():
+    lines = [ln for log in logs for ln in log.read_text().splitlines()]
+    for line in lines:
         m = re.match(r"(\w+)=([\d.e-]+): median ([\d.]+) dB, success ([\d.]+), labels ([\d.]+), n=(\d+)", line)
         if m:
             res.setdefault(m[1], []).append({"value": float(m[2]), "psnr_median": float(m[3]), "success_rate": float(m[4]),
                                              "label_accuracy": float(m[5]), "n": int(m[6])})
-    return res
+    return {k: sorted({r["value"]: r for r in v}.values(), key=lambda r: r["value"]) for k, v in res.items()}
 
 
 def write(res: dict, only: list[str], out: Path) -> None:
