@@ -30,6 +30,9 @@ SWEEPS = {
 }
 
 
+NO_DEFENSE = {"noise_std": 0.0, "prune_pct": 0, "local_batch": 1, "local_steps": 1}
+
+
 def node_for(kind: str, value: float, data: str, images: int, seed: int) -> dict:
     node = {
         "data": "mnist",
@@ -79,12 +82,13 @@ def main() -> None:
     baseline = None  # every sweep starts at "no defense": run it once
     for kind in only:
         res[kind] = []
-        for i, v in enumerate(SWEEPS[kind]):
-            if i == 0 and baseline is not None:
+        for v in SWEEPS[kind]:
+            is_base = v == NO_DEFENSE[kind]
+            if is_base and baseline is not None:
                 s = baseline
             else:
                 s = run_benchmark(node_for(kind, v, a.data, a.images, a.seed))["results"]["idlg"]["summary"]
-                baseline = s if i == 0 else baseline
+                baseline = s if is_base else baseline
             res[kind].append({"value": v, **s})
             print(f"{kind}={v}: median {s['psnr_median']:.1f} dB, success {s['success_rate']:.2f}, "
                   f"labels {s['label_accuracy']:.2f}, n={s['n']}", flush=True)
