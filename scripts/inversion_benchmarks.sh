@@ -16,8 +16,8 @@ case "${1:-A}" in
     ;;
   B)
     [ -f outputs/dcgan_mnist.pt ] || python scripts/train_dcgan.py --data "${FEDSIM_MNIST10K:-../shared/data/mnist10k.npz}" --epochs 30 > outputs/dcgan.log 2>&1
-    run dia +experiment=inversion_dia inversion.num_images=6
-    run gifd +experiment=inversion_gifd inversion.num_images=4
+    run dia +experiment=inversion_dia inversion.num_images=4
+    run gifd +experiment=inversion_gifd inversion.num_images=3
     ;;
   C)
     python scripts/inversion_defenses.py --data "${FEDSIM_MNIST10K:-../shared/data/mnist10k.npz}" --images 4 --out docs/inversion_defenses > outputs/defenses.log 2>&1

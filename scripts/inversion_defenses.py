@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -27,6 +28,9 @@ SWEEPS = {
     "local_batch": [1, 2, 4],
     "local_steps": [1, 2, 4],
 }
+
+
+NO_DEFENSE = {"noise_std": 0.0, "prune_pct": 0, "local_batch": 1, "local_steps": 1}
 
 
 def node_for(kind: str, value: float, data: str, images: int, seed: int) -> dict:
@@ -62,7 +66,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("docs/inversion_defenses"))
     ap.add_argument("--only", default="", help="comma-separated subset of " + ",".join(SWEEPS))
+    ap.add_argument("--from-log", type=Path, nargs="*", default=None, help="only re-plot the progress lines of runs")
+    ap.add_argument("--values", default="", help="override sweep values, e.g. 'noise_std=0,1e-5,1e-4;prune_pct=0,10'")
     a = ap.parse_args()
+    if a.from_log is not None:
+        write(from_log(a.from_log), list(SWEEPS), a.out)
+        return
+    for item in filter(None, a.values.split(";")):
+        kind, vals = item.split("=", 1)
+        SWEEPS[kind] = [float(v) for v in vals.split(",")]
     torch.set_num_threads(1)
     only = [s for s in a.only.split(",") if s] or list(SWEEPS)
     res: dict = {}
@@ -70,36 +82,55 @@ def main() -> None:
     baseline = None  # every sweep starts at "no defense": run it once
     for kind in only:
         res[kind] = []
-        for i, v in enumerate(SWEEPS[kind]):
-            if i == 0 and baseline is not None:
+        for v in SWEEPS[kind]:
+            is_base = v == NO_DEFENSE[kind]
+            if is_base and baseline is not None:
                 s = baseline
             else:
                 s = run_benchmark(node_for(kind, v, a.data, a.images, a.seed))["results"]["idlg"]["summary"]
-                baseline = s if i == 0 else baseline
+                baseline = s if is_base else baseline
             res[kind].append({"value": v, **s})
             print(f"{kind}={v}: median {s['psnr_median']:.1f} dB, success {s['success_rate']:.2f}, "
                   f"labels {s['label_accuracy']:.2f}, n={s['n']}", flush=True)
     res["cpu_seconds"] = round(time.process_time() - t0, 1)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    write(res, only, a.out)
+
+
+def from_log(logs: list[Path]) -> dict:
+    """Rebuild the results from the script's own progress lines (runs stopped part-way, or
+    several runs over different values); one entry per value, sorted."""
+    res: dict = {}
+    lines = [ln for log in logs for ln in log.read_text().splitlines()]
+    for line in lines:
+        m = re.match(r"(\w+)=([\d.e-]+): median ([\d.]+) dB, success ([\d.]+), labels ([\d.]+), n=(\d+)", line)
+        if m:
+            res.setdefault(m[1], []).append({"value": float(m[2]), "psnr_median": float(m[3]), "success_rate": float(m[4]),
+                                             "label_accuracy": float(m[5]), "n": int(m[6])})
+    return {k: sorted({r["value"]: r for r in v}.values(), key=lambda r: r["value"]) for k, v in res.items()}
+
+
+def write(res: dict, only: list[str], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    only = [k for k in only if res.get(k)]
     fig, axes = plt.subplots(1, len(only), figsize=(2.6 * len(only), 2.4), squeeze=False)
     for ax, kind in zip(axes[0], only):
         xs = list(range(len(res[kind])))
         ax.plot(xs, [r["success_rate"] for r in res[kind]], "o-", label="success (>=30 dB)")
         ax.plot(xs, [r["psnr_median"] / 100 for r in res[kind]], "s--", label="median PSNR / 100 dB")
-        ax.set_xticks(xs, [str(r["value"]) for r in res[kind]], fontsize=7)
+        ax.set_xticks(xs, [f"{r['value']:g}" for r in res[kind]], fontsize=7)
         ax.set_title(kind, fontsize=8)
         ax.set_ylim(-0.05, 1.05)
     axes[0][0].legend(fontsize=6)
     fig.suptitle("iDLG vs client-side defenses (MNIST, sigmoid LeNet)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(a.out.with_suffix(".png"), dpi=72)
-    print(f"wrote {a.out}.json/.png, CPU {res['cpu_seconds']}s")
+    fig.savefig(out.with_suffix(".png"), dpi=72)
+    print(f"wrote {out}.json/.png")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_benchmark_config_errors_name_the_key(tmp_path):
         run_experiment(compose_config(["+experiment=inversion_idlg", "inversion.data_path=/nonexistent.npz"]), tmp_path)
     with pytest.raises(ConfigError, match="inversion.protocol.kind"):
         run_experiment(compose_config(["+experiment=inversion_idlg", "inversion.data=digits",
-                                       "+inversion.protocol={kind: fedprox}"]), tmp_path)
+                                       "inversion.protocol.kind=fedprox"]), tmp_path)
 
 
 def test_benchmark_fedavg_protocol_and_defense(tmp_path):
