@@ -370,6 +370,11 @@ def validate(cfg: DictConfig) -> None:
     check_setup(cfg)
     if cfg.get("observer") is not None:
         _check_target(cfg.observer, "observer")
+        _check(
+            not (o.checkpoint_every or o.resume), "observer",
+            "cannot be combined with output.checkpoint_every / output.resume yet (an observer's "
+            "run-long tallies are not checkpointed); drop one of them",
+        )
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -100,6 +100,11 @@ def test_observer_attacks_a_client_and_logs_metrics(tmp_path):
     assert "inversion" not in rows[0]
     (rec,) = rows[1]["inversion"]
     assert rec["partition"] == 1 and rec["images"] == 1 and 0 <= rec["label_acc"] <= 1
-    assert rec["psnr_median"] > 0
+    assert rec["psnr_median"] > 0 and rows[1]["psnr"] == rec["psnr_median"]  # the column fedsim-report reads
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["inversion"]["n"] == 1
+    from fedsim.report import run_metrics
+
+    assert run_metrics(tmp_path, "test_accuracy", 1)["psnr"] == rec["psnr_median"]
+    with pytest.raises(ConfigError, match="^observer: cannot be combined with output.checkpoint_every"):
+        run_experiment(compose_config(TINY + [obs, "output.checkpoint_every=1"]), tmp_path / "ckpt")
