@@ -47,6 +47,11 @@ class BackdoorObserver:
     def on_round_end(self, server_round: int, strategy: Any, grid: Any) -> dict[str, Any]:
         return {}
 
+    def on_resume(self, rows: list[dict[str, Any]]) -> None:
+        """A resumed run: the history (for ``backdoor_accuracy_max``) from the rounds recorded."""
+        self.history = [{"round": r["round"], **{k: v for k, v in r.items() if k.startswith("backdoor_accuracy")}}
+                        for r in rows if r.get("backdoor_accuracy") is not None]
+
     def on_finish(self, strategy: Any, grid: Any) -> dict[str, Any]:
         if not self.history:
             return {}

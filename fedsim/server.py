@@ -35,7 +35,9 @@ class RoundObserver(Protocol):
     """Adds fields to each round record and to the summary (e.g. detection scores).
 
     An observer may also define ``on_global_model(server_round, model) -> dict``: called in every
-    evaluated round with the model loaded with the round's global weights.
+    evaluated round with the model loaded with the round's global weights, and
+    ``on_resume(rows)``: called once when a run resumes from a checkpoint, with the round records
+    so far, to rebuild any run-long tally it reports in ``on_finish``.
     """
 
     def on_round_end(self, server_round: int, strategy: Any, grid: FedsimGrid) -> dict[str, Any]: ...
@@ -129,6 +131,9 @@ def run_server(grid: Grid, cfg: dict[str, Any], run_dir: Path | None, engine: st
     recorder = Recorder(run_dir, cfg, rows=rows)
     if resumed is not None:
         recorder.extra_summary.update(initial_metrics)
+        for obs in observers:  # observers with run-long tallies rebuild them from the saved rows
+            if hasattr(obs, "on_resume"):
+                obs.on_resume(recorder.rows)
     recorder.t0 -= elapsed
     x_test, y_test = data.test()
     every = int(cfg["eval"]["every"])

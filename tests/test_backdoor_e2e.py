@@ -83,3 +83,14 @@ def test_multimetric_defeats_model_replacement(run, seed):
     assert fedavg["backdoor_accuracy"] >= 0.6  # the attack works
     assert mm["backdoor_accuracy"] <= fedavg["backdoor_accuracy"] - 0.5
     assert mm["final_accuracy"] >= clean["final_accuracy"] - 0.03
+
+
+def test_backdoor_observer_rebuilds_its_tally_on_resume():
+    """A resumed run reports backdoor_accuracy_max over every round, not only those after the resume."""
+    from fedsim.backdoor_eval import BackdoorObserver
+
+    obs = BackdoorObserver.__new__(BackdoorObserver)  # the tally only: no data needed
+    rows = [{"round": 1, "backdoor_accuracy": 0.9}, {"round": 2, "test_accuracy": 0.5},
+            {"round": 3, "backdoor_accuracy": 0.2, "backdoor_accuracy/a": 0.2}]
+    obs.on_resume(rows)
+    assert obs.on_finish(None, None) == {"backdoor_accuracy": 0.2, "backdoor_accuracy/a": 0.2, "backdoor_accuracy_max": 0.9}

@@ -340,5 +340,5 @@ def test_resume_is_bitwise_equal_for_every_state_kind(strategy, tmp_path, monkey
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(ref)]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(stopped)]
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ref, stopped))
-    for key in ("detection", "participation", "status", "initial_test_loss"):
+    for key in ("detection", "participation", "status", "initial_test_loss", "backdoor_accuracy", "backdoor_accuracy_max"):
         assert sa.get(key) == sb.get(key)
