@@ -38,7 +38,6 @@ class NormClipping(UpdateStrategy):
             raise ValueError("strategy.norm_bound: must be > 0")
         self.norm_bound = float(norm_bound)
 
-
     def aggregate_updates(self, server_round: int, ru: RoundUpdates) -> np.ndarray | None:
         if not ru.node_ids:
             return None

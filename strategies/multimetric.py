@@ -80,7 +80,6 @@ class MultiMetrics(UpdateStrategy):
     def flagged(self) -> dict[int, str]:
         return {n: "backdoor" for n in self.last_dropped}
 
-
     def aggregate_updates(self, server_round: int, ru: RoundUpdates) -> np.ndarray | None:
         if not ru.node_ids:
             return None
