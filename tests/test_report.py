@@ -94,13 +94,13 @@ def test_fedau_experiment_is_a_hydra_sweep():
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="fedsim.configs", version_base=None):
-        cfg = compose("config", overrides=["+experiment=fedau_markov", "+fedau_arm=avg_participating"],
+        cfg = compose("config", overrides=["+experiment=fedau_markov", "fedau_arm=avg_participating"],
                       return_hydra_config=True)
     GlobalHydra.instance().clear()
     assert cfg.strategy._target_ == "strategies.fedau.AvgParticipating"
     assert cfg.strategy.global_lr == 1.78 and cfg.client.lr == 0.0562 and cfg.participation.name == "markov"
     params = cfg.hydra.sweeper.params
-    assert params["+fedau_arm"].split(",") == ["fedau", "fedau_k50", "avg_participating", "avg_all",
+    assert params["fedau_arm"].split(",") == ["fedau", "fedau_k50", "avg_participating", "avg_all",
                                                "known_prob", "mifa", "fedvarp"]
     assert params["seed"] == "0,1,2"
 
@@ -120,12 +120,16 @@ def test_experiment_arms_compose_and_validate(experiment, group):
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="fedsim.configs", version_base=None):
         arms = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
-        arms = arms.hydra.sweeper.params[f"+{group}"].split(",")
+        arms = arms.hydra.sweeper.params[group].split(",")
         targets = set()
         for arm in arms:
-            cfg = compose("config", overrides=[f"+experiment={experiment}", f"+{group}={arm}", "dataset=digits"])
+            cfg = compose("config", overrides=[f"+experiment={experiment}", f"{group}={arm}", "dataset=digits"])
             validate(cfg)
             targets.add(OmegaConf.to_yaml({"s": cfg.strategy, "t": cfg.threat, "c": cfg.client}))
+            # Hydra's sweeper puts the sweep's own axes before the command line's +experiment=...:
+            # the arm must win whatever the order (it did not: every arm ran the experiment's strategy)
+            rev = compose("config", overrides=[f"{group}={arm}", f"+experiment={experiment}", "dataset=digits"])
+            assert OmegaConf.to_container(rev) == OmegaConf.to_container(cfg), arm
     GlobalHydra.instance().clear()
     assert len(targets) == len(arms)  # every arm is a different configuration
     assert len(arms) >= 6
