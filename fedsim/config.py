@@ -196,9 +196,18 @@ class FedsimConfig:
     observer: Any = None
 
 
+def dirname_safe(text: str) -> str:
+    """An override string as one directory name: ``/`` (in paths given as values, e.g.
+    ``dataset.path=/data/x.npz``) would nest directories, so it becomes ``%2F``."""
+    return str(text).replace("/", "%2F")
+
+
 def register_configs() -> None:
-    """Register the schema with Hydra's ConfigStore (idempotent)."""
+    """Register the schema with Hydra's ConfigStore and the ``fedsim_dirname`` resolver that
+    configs/config.yaml's sweep sub-directory uses (both idempotent)."""
     ConfigStore.instance().store(name="fedsim_schema", node=FedsimConfig)
+    if not OmegaConf.has_resolver("fedsim_dirname"):
+        OmegaConf.register_new_resolver("fedsim_dirname", dirname_safe)
 
 
 DATASETS = ("digits", "synthetic", "npz", "torchvision", "huggingface")

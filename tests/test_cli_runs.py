@@ -45,7 +45,7 @@ def wait_rows(run_dir: Path, n: int, proc: subprocess.Popen, limit: float = 120)
 
 def test_sweep_goes_on_after_a_bad_job_and_exit_counts_failures(tmp_path, monkeypatch, capsys):
     """``-m rounds=1,-1,2``: job 1's config error is reported, job 2 still runs; exit status 1."""
-    monkeypatch.setattr(sys, "argv", ["fedsim", "-m", "rounds=1,-1,2", *FAST, f"hydra.sweep.dir={tmp_path}"])
+    monkeypatch.setattr(sys, "argv", ["fedsim", "-m", "rounds=1,-1,2", "name=lab/x", *FAST, f"hydra.sweep.dir={tmp_path}"])
     monkeypatch.setitem(cli._SWEEP, "failed", None)
     with pytest.raises(SystemExit) as exc:
         cli.main()
@@ -53,6 +53,7 @@ def test_sweep_goes_on_after_a_bad_job_and_exit_counts_failures(tmp_path, monkey
     done = {d.name: json.loads((d / "summary.json").read_text())["status"] for d in tmp_path.iterdir() if d.is_dir()}
     bad = [k for k in done if "rounds=-1" in k]  # sub-directories named by the overrides
     assert len(done) == 3 and len(bad) == 1 and done[bad[0]].startswith("failed: ConfigError")
+    assert all("name=lab%2Fx" in k for k in done)  # a "/" in a value does not nest directories
     assert all(v == "ok" for k, v in done.items() if k not in bad)
     good = [k for k in done if k.endswith("rounds=2")]
     assert len(read_metrics(tmp_path / good[0])) == 2  # job 2 ran after the failed job 1
