@@ -33,7 +33,7 @@ init; with ``init=common`` that is exactly the model FedAvg starts from).
 Wire format: Flower's train message must carry the model record ``"arrays"``, so a node that
 receives m >= 1 models gets the first as ``"arrays"`` and the others as ``"gossip-1"`` ..
 ``"gossip-{m-1}"`` (no byte is sent twice: Ray shares a model relayed to several nodes). A node
-that receives nothing gets a placeholder ``"arrays"`` (the harness's initial model in round 1, else
+that receives nothing still gets an ``"arrays"`` record, as the harness's client requires (the harness's initial model in round 1, else
 its own last push), which it ignores; ``bytes_down`` counts it, ``gossip_relayed_bytes`` does not.
 
 What the harness sees: the strategy returns the uniform average of the nodes' latest models as the
@@ -326,7 +326,7 @@ class Gossip(FedAvg):
                 for k, rec in enumerate(received[1:], start=1):
                     content[f"{EXTRA_PREFIX}{k}"] = rec
                 relayed += sum(_nbytes(r) for r in received)
-            else:  # placeholder the harness's client requires (ignored by the node)
+            else:  # the "arrays" record every train message must carry (the node ignores it)
                 own = self.latest.get(pid)
                 content[self.arrayrecord_key] = self.initial if own is None else self._record(pid)
             if self.init == "common" and pid not in self.seen:
