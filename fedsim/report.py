@@ -289,6 +289,27 @@ def write(rep: dict[str, Any], out: Path) -> list[Path]:
     return files
 
 
+def _claims_and_grid(a: argparse.Namespace, p: argparse.ArgumentParser) -> str:
+    """The ``--grid`` table and the ``--claim`` verdicts as Markdown ('' when neither is asked)."""
+    from fedsim import claims as cl
+
+    out = []
+    try:
+        if a.grid:
+            row, sep, col = a.grid.partition(":")
+            if not sep or not row or not col:
+                p.error(f"--grid {a.grid}: expected ROW:COL")
+            grid = cl.best_grid(a.dirs, row, col, a.metric, a.last, a.stat, a.where)
+            out.append(cl.grid_markdown(grid, row, col))
+        if a.claim:
+            rows = cl.evaluate(a.dirs, [cl.parse_claim(c) for c in a.claim], a.metric, a.last, a.stat,
+                               a.where, a.best_over)
+            out.append(cl.claims_markdown(rows))
+    except ValueError as err:
+        p.error(str(err))
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``fedsim-report DIR... [--where k=v] [--metric NAME] [--last K] [--out DIR]``."""
     p = argparse.ArgumentParser(prog="fedsim-report", description=__doc__.split("\n\n")[0])
@@ -298,6 +319,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metric", default="test_accuracy", help="per-round metric for final/best/last-k and plots")
     p.add_argument("--last", type=int, default=5, help="k of the last-k mean (evaluated rounds)")
     p.add_argument("--out", type=Path, default=None, help="where to write (default: the first DIR)")
+    p.add_argument("--claim", action="append", default=[], metavar="'A > B [by SIZE]'",
+                   help="a paper's claim, checked seed by seed (fedsim/claims.py); repeatable")
+    p.add_argument("--best-over", default=None, metavar="KEY",
+                   help="compare each side of a claim at its own best value of KEY (e.g. client.lr)")
+    p.add_argument("--grid", default=None, metavar="ROW:COL",
+                   help="a ROW x COL table of the last-k mean (e.g. momentum_arm:client.lr)")
+    p.add_argument("--stat", default=None, help="final | best | lastK for claims and the grid (default: last-k)")
     a = p.parse_args(argv)
     for w in a.where:
         if "=" not in w:
@@ -310,6 +338,14 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(err))
     files = write(rep, a.out or a.dirs[0])
     sys.stdout.write(to_markdown(rep))
+    extra = _claims_and_grid(a, p)
+    if extra:
+        from fedsim.results import write_text
+
+        path = (a.out or a.dirs[0]) / "claims.md"
+        write_text(path, extra)
+        files.append(path)
+        sys.stdout.write("\n" + extra)
     print(f"\n{len(rep['runs'])} runs; wrote " + ", ".join(str(f) for f in files))
 
 
