@@ -17,6 +17,10 @@ The verdict, fixed here so that no table is written by hand:
   or positive on average but not on every seed;
 * ``not reproduced``: mean gap <= 0.
 
+``A >= B within TOL`` states "A is comparable to or better than B" (a paper's "on par with"):
+``reproduced`` when the gap is >= -TOL on every seed, ``reproduced in direction, not size`` when
+only its mean is, ``not reproduced`` when the mean gap is below -TOL.
+
 With ``best_over=KEY`` (e.g. ``client.lr``) each side is first taken at its own best value of
 KEY: the value with the highest mean ``stat`` over seeds among the values whose every run
 finished (a step size that diverged on one seed is not eligible). That is how methods are
@@ -46,13 +50,22 @@ class Claim:
     b: list[str]
     size: float | None
     text: str
+    tol: float | None = None  # set for ``A >= B within TOL``
 
 
 def parse_claim(text: str) -> Claim:
-    """Parse ``"k=v [k=v ...] > k=v [...] [by SIZE]"``; ValueError naming the problem."""
+    """Parse ``"k=v [k=v ...] > k=v [...] [by SIZE]"`` or ``"... >= ... within TOL"``."""
+    w = re.fullmatch(r"\s*(.+?)\s*>=\s*(.+?)\s+within\s+([-+0-9.eE]+)\s*", text)
+    if w:
+        c = parse_claim(f"{w.group(1)} > {w.group(2)}")
+        tol = float(w.group(3))
+        if tol < 0:
+            raise ValueError(f"claim {text!r}: 'within TOL' must be >= 0")
+        return Claim(c.a, c.b, None, text.strip(), tol)
     m = re.fullmatch(r"\s*(.+?)\s*>\s*(.+?)(?:\s+by\s+([-+0-9.eE]+))?\s*", text)
-    if not m:
-        raise ValueError(f"claim {text!r}: expected 'key=value ... > key=value ... [by SIZE]'")
+    if not m or ">=" in text:
+        raise ValueError(f"claim {text!r}: expected 'key=value ... > key=value ... [by SIZE]' "
+                         "or '... >= ... within TOL'")
     sides = []
     for part in (m.group(1), m.group(2)):
         words = [w for w in re.split(r"[\s,]+", part) if w]
@@ -116,9 +129,13 @@ def _side(runs: list[Path], filt: list[str], stat: str, metric: str, last: int,
     return per_value[best], best, grid
 
 
-def verdict(diffs: list[float], size: float | None) -> str:
+def verdict(diffs: list[float], size: float | None, tol: float | None = None) -> str:
     """The verdict rule of the module docstring for per-seed gaps ``diffs`` (A − B)."""
     mean = float(np.mean(diffs))
+    if tol is not None:
+        if mean < -tol:
+            return VERDICTS[2]
+        return VERDICTS[0] if all(d >= -tol for d in diffs) else VERDICTS[1]
     if mean <= 0:
         return VERDICTS[2]
     if all(d > 0 for d in diffs) and (size is None or mean >= size / 2):
@@ -144,7 +161,7 @@ def evaluate(paths: list[Path], claims: list[Claim], metric: str = "test_accurac
             "claim": c.text, "stat": stat, "seeds": seeds,
             "a_mean": float(np.mean([a[s] for s in seeds])), "b_mean": float(np.mean([b[s] for s in seeds])),
             "a_at": a_at, "b_at": b_at, "diffs": diffs, "mean_diff": float(np.mean(diffs)),
-            "size": c.size, "verdict": verdict(diffs, c.size),
+            "size": c.size, "tol": c.tol, "verdict": verdict(diffs, c.size, c.tol),
         })
     return rows
 
@@ -169,7 +186,8 @@ def claims_markdown(rows: list[dict[str, Any]], scale: float = 100.0) -> str:
             f"| {r['claim']} | {r['a_mean'] * scale:.2f}{_at(r['a_at'])} | {r['b_mean'] * scale:.2f}{_at(r['b_at'])} | "
             + ", ".join(f"{d * scale:+.2f}" for d in r["diffs"])
             + f" | {r['mean_diff'] * scale:+.2f} | "
-            + (f"{r['size'] * scale:.2f}" if r["size"] is not None else "-")
+            + (f"{r['size'] * scale:.2f}" if r["size"] is not None
+               else f"on par (±{r['tol'] * scale:.2f})" if r.get("tol") is not None else "-")
             + f" | **{r['verdict']}** |"
         )
     return "\n".join(lines) + f"\n\n({rows[0]['stat'] if rows else ''} of the metric; seeds paired; x{scale:g})\n"

@@ -36,7 +36,9 @@ def test_parse_claim():
     assert c.a == ["fedau_arm=fedau"] and c.b == ["fedau_arm=avg_participating"] and c.size == 0.03
     c = claims.parse_claim("x=1 y=2 > x=0")
     assert c.a == ["x=1", "y=2"] and c.b == ["x=0"] and c.size is None
-    for bad in ("x=1", "x=1 > y", "x=1 > y=2 by -1"):
+    c = claims.parse_claim("x=1 >= x=0 within 0.01")
+    assert c.a == ["x=1"] and c.b == ["x=0"] and c.tol == 0.01 and c.size is None
+    for bad in ("x=1", "x=1 > y", "x=1 > y=2 by -1", "x=1 >= x=0", "x=1 >= x=0 within -1"):
         with pytest.raises(ValueError, match="claim"):
             claims.parse_claim(bad)
 
@@ -48,6 +50,9 @@ def test_verdict_rule():
     assert claims.verdict([0.05, -0.01, 0.02], None) == "reproduced in direction, not size"
     assert claims.verdict([0.01, -0.02], None) == "not reproduced"
     assert claims.verdict([0.0, 0.0], 0.01) == "not reproduced"
+    assert claims.verdict([-0.005, 0.01], None, tol=0.01) == "reproduced"          # on par
+    assert claims.verdict([-0.02, 0.02], None, tol=0.01) == "reproduced in direction, not size"
+    assert claims.verdict([-0.02, -0.01], None, tol=0.01) == "not reproduced"      # mean -0.015 < -0.01
 
 
 def test_claims_paired_by_seed_at_fixed_lr(lr_sweep):
