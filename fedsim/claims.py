@@ -11,10 +11,10 @@ Both sides are reduced to one number per seed (``stat``: ``final``, ``best`` or 
 mean of the last K evaluations) and compared **seed by seed** (seeds present on both sides).
 The verdict, fixed here so that no table is written by hand:
 
-* ``reproduced``: the gap is positive on every paired seed and, when the paper's size is given,
-  the mean gap is at least half of it;
-* ``reproduced in direction, not size``: positive on every seed but under half the paper's gap,
-  or positive on average but not on every seed;
+* ``reproduced``: the gap is positive on every paired seed, its mean is at least twice its
+  standard error (sample std / sqrt(n), so one seed, or a gap the seed-to-seed spread can
+  explain, is never enough) and, when the paper's size is given, at least half of that size;
+* ``reproduced in direction, not size``: a positive mean gap that misses one of those;
 * ``not reproduced``: mean gap <= 0.
 
 ``A >= B within TOL`` states "A is comparable to or better than B" (a paper's "on par with"):
@@ -138,7 +138,8 @@ def verdict(diffs: list[float], size: float | None, tol: float | None = None) ->
         return VERDICTS[0] if all(d >= -tol for d in diffs) else VERDICTS[1]
     if mean <= 0:
         return VERDICTS[2]
-    if all(d > 0 for d in diffs) and (size is None or mean >= size / 2):
+    se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("inf")
+    if all(d > 0 for d in diffs) and mean >= 2 * se and (size is None or mean >= size / 2):
         return VERDICTS[0]
     return VERDICTS[1]
 

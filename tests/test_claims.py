@@ -48,6 +48,9 @@ def test_verdict_rule():
     assert claims.verdict([0.02, 0.01, 0.03], 0.04) == "reproduced"            # mean 0.02 >= 0.04 / 2
     assert claims.verdict([0.02, 0.01, 0.03], 0.05) == "reproduced in direction, not size"
     assert claims.verdict([0.05, -0.01, 0.02], None) == "reproduced in direction, not size"
+    # positive on every seed but mean 0.0049 < 2 x SE (std 0.0045 / sqrt 3 = 0.0026): the spread explains it
+    assert claims.verdict([0.0004, 0.0095, 0.005], None) == "reproduced in direction, not size"
+    assert claims.verdict([0.03], None) == "reproduced in direction, not size"  # one seed is never enough
     assert claims.verdict([0.01, -0.02], None) == "not reproduced"
     assert claims.verdict([0.0, 0.0], 0.01) == "not reproduced"
     assert claims.verdict([-0.005, 0.01], None, tol=0.01) == "reproduced"          # on par
