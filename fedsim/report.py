@@ -221,6 +221,34 @@ def plot_curves(rep: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    _draw_curves(rep, ax)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_panels(reps: list[dict[str, Any]], path: Path, cols: int = 2) -> None:
+    """One panel per metric (``--panels``), e.g. detection precision and recall per attack type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = (len(reps) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.4 * rows), squeeze=False)
+    for ax, rep in zip(axes.flat, reps):
+        _draw_curves(rep, ax)
+        ax.set_title(rep["metric"], fontsize=9)
+    for ax in list(axes.flat)[len(reps):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _draw_curves(rep: dict[str, Any], ax: Any) -> None:
     for label, curves in rep["curves"].items():
         if not curves:
             continue
@@ -234,10 +262,6 @@ def plot_curves(rep: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("round")
     ax.set_ylabel(rep["metric"])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_heatmap(rep: dict[str, Any], path: Path) -> bool:
@@ -325,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="compare each side of a claim at its own best value of KEY (e.g. client.lr)")
     p.add_argument("--grid", default=None, metavar="ROW:COL",
                    help="a ROW x COL table of the last-k mean (e.g. momentum_arm:client.lr)")
+    p.add_argument("--panels", default=None, metavar="M1,M2,...",
+                   help="also panels.png: one curves panel per metric (e.g. det_signflip_recall,det_noise_recall)")
     p.add_argument("--stat", default=None, help="final | best | lastK for claims and the grid (default: last-k)")
     a = p.parse_args(argv)
     for w in a.where:
@@ -338,6 +364,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(err))
     files = write(rep, a.out or a.dirs[0])
     sys.stdout.write(to_markdown(rep))
+    if a.panels:
+        reps = [build(a.dirs, m, a.last, a.where) for m in a.panels.split(",") if m]
+        plot_panels(reps, (a.out or a.dirs[0]) / "panels.png")
+        files.append((a.out or a.dirs[0]) / "panels.png")
     extra = _claims_and_grid(a, p)
     if extra:
         from fedsim.results import write_text

@@ -82,7 +82,9 @@ def test_best_over_skips_a_step_size_that_diverged(lr_sweep):
 
 def test_report_cli_writes_claims(lr_sweep, capsys):
     report.main([str(lr_sweep), "--last", "2", "--grid", "method:client.lr", "--best-over", "client.lr",
-                 "--claim", "method=b > method=a"])
+                 "--claim", "method=b > method=a", "--panels", "test_accuracy,test_accuracy,test_accuracy"])
+    png = (lr_sweep / "panels.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
     out = capsys.readouterr().out
     assert "**not reproduced**" in out and "65.00 @ 0.1" in out
     assert (lr_sweep / "claims.md").read_text().count("|") > 20
