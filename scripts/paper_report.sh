@@ -44,13 +44,12 @@ if [ -d "$RUNS/mudhog_mix" ]; then
   rep mudhog_mix "$RUNS/mudhog_mix" --last 5 "${claims[@]}" \
     --claim "mudhog_arm=mudhog_paper_eps > mudhog_arm=fedavg" \
     --claim "mudhog_arm=mudhog >= mudhog_arm=fedavg_no_attack within 0.01"
-  for m in det_signflip det_noise det_targeted det_unreliable; do
-    for s in precision recall; do
-      rep "mudhog_mix/$m-$s" "$RUNS/mudhog_mix" --where mudhog_arm=mudhog --metric "${m}_$s" --last 5
-    done
-  done
+  P=det_signflip_precision,det_signflip_recall,det_noise_precision,det_noise_recall
+  P=$P,det_targeted_precision,det_targeted_recall,det_unreliable_precision,det_unreliable_recall,det_fp,det_f1
+  rep mudhog_mix/detection "$RUNS/mudhog_mix" --last 5 --panels "$P"
 fi
 for t in mudhog_signflip_heavy mudhog_labelflip_heavy mudhog_iid; do
   [ -d "$RUNS/$t" ] || continue
-  rep "$t" "$RUNS/$t" --last 5 --claim "mudhog_arm=mudhog > mudhog_arm=fedavg"
+  rep "$t" "$RUNS/$t" --last 5 --claim "mudhog_arm=mudhog > mudhog_arm=fedavg" \
+    --panels det_signflip_recall,det_noise_recall,det_targeted_recall,det_unreliable_recall,det_fp,test_accuracy
 done
