@@ -1,4 +1,4 @@
-"""How large is the participation bias FedAU removes, and where does it go? (docs/fedau_paper.md)
+"""How large is the participation bias FedAU removes, and where does it go? (docs/reproductions.md)
 
 For the runs of a FedAU sweep (``fedsim -m +experiment=fedau_<pattern> ...``), per seed:
 
