@@ -18,8 +18,8 @@ The verdict, fixed here so that no table is written by hand:
 * ``not reproduced``: mean gap <= 0.
 
 ``A >= B within TOL`` states "A is comparable to or better than B" (a paper's "on par with"):
-``reproduced`` when the gap is >= -TOL on every seed, ``reproduced in direction, not size`` when
-only its mean is, ``not reproduced`` when the mean gap is below -TOL.
+``reproduced`` when the gap is >= -TOL on every seed (two seeds at least), ``reproduced in
+direction, not size`` when only its mean is, ``not reproduced`` when the mean gap is below -TOL.
 
 With ``best_over=KEY`` (e.g. ``client.lr``) each side is first taken at its own best value of
 KEY: the value with the highest mean ``stat`` over seeds among the values whose every run
@@ -135,7 +135,7 @@ def verdict(diffs: list[float], size: float | None, tol: float | None = None) ->
     if tol is not None:
         if mean < -tol:
             return VERDICTS[2]
-        return VERDICTS[0] if all(d >= -tol for d in diffs) else VERDICTS[1]
+        return VERDICTS[0] if len(diffs) > 1 and all(d >= -tol for d in diffs) else VERDICTS[1]
     if mean <= 0:
         return VERDICTS[2]
     se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("inf")

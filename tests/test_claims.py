@@ -56,6 +56,7 @@ def test_verdict_rule():
     assert claims.verdict([-0.005, 0.01], None, tol=0.01) == "reproduced"          # on par
     assert claims.verdict([-0.02, 0.02], None, tol=0.01) == "reproduced in direction, not size"
     assert claims.verdict([-0.02, -0.01], None, tol=0.01) == "not reproduced"      # mean -0.015 < -0.01
+    assert claims.verdict([0.02], None, tol=0.01) == "reproduced in direction, not size"  # one seed
 
 
 def test_claims_paired_by_seed_at_fixed_lr(lr_sweep):
