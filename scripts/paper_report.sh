@@ -37,12 +37,22 @@ if [ -d "$RUNS/momentum_lr" ]; then
     --claim "momentum_arm=scaffold_m_vr > momentum_arm=scaffold_m"
 fi
 
+# FedAvg-M's claim is for full participation (N = 10, everyone every round)
+if [ -d "$RUNS/momentum_full" ]; then
+  rep momentum_full "$RUNS/momentum_full" --last 10 --grid momentum_arm:client.lr --best-over client.lr \
+    --claim "momentum_arm=fedavg_m > momentum_arm=fedavg" \
+    --claim "momentum_arm=scaffold_m > momentum_arm=scaffold" \
+    --claim "momentum_arm=scaffold > momentum_arm=fedavg"
+fi
+
 # MUD-HoG (Gupta et al.): MUD-HoG above FedAvg and every robust baseline under the mixture.
 if [ -d "$RUNS/mudhog_mix" ]; then
   claims=()
   for b in fedavg median geomed krum multikrum foolsgold; do claims+=(--claim "mudhog_arm=mudhog > mudhog_arm=$b"); done
   rep mudhog_mix "$RUNS/mudhog_mix" --last 5 "${claims[@]}" \
     --claim "mudhog_arm=mudhog_paper_eps > mudhog_arm=fedavg" \
+    --claim "mudhog_arm=mudhog > mudhog_arm=mudhog_paper_eps" \
+    --claim "mudhog_arm=fedavg_no_attack > mudhog_arm=fedavg" \
     --claim "mudhog_arm=mudhog >= mudhog_arm=fedavg_no_attack within 0.01"
   P=det_signflip_precision,det_signflip_recall,det_noise_precision,det_noise_recall
   P=$P,det_targeted_precision,det_targeted_recall,det_unreliable_precision,det_unreliable_recall,det_fp,det_f1
@@ -53,3 +63,10 @@ for t in mudhog_signflip_heavy mudhog_labelflip_heavy mudhog_iid; do
   rep "$t" "$RUNS/$t" --last 5 --claim "mudhog_arm=mudhog > mudhog_arm=fedavg" \
     --panels det_signflip_recall,det_noise_recall,det_targeted_recall,det_unreliable_recall,det_fp,test_accuracy
 done
+if [ -d "$RUNS/mudhog_codeparity" ] && [ -d "$RUNS/mudhog_mix" ]; then
+  # the authors' code behaviour (frozen short HoG, noise may be the largest cluster) vs fedsim's defaults
+  rep mudhog_codeparity "$RUNS/mudhog_codeparity" "$RUNS/mudhog_mix" --last 5 \
+    --where mudhog_arm=mudhog \
+    --claim "strategy.short_hog=frozen > strategy.short_hog=moving" \
+    --panels det_signflip_recall,det_noise_recall,det_targeted_recall,det_unreliable_recall,det_fp,test_accuracy
+fi
