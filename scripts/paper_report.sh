@@ -27,23 +27,19 @@ if [ -d "$RUNS/fedau_logreg" ]; then
     --claim "fedau_arm=known_prob > fedau_arm=avg_participating"
 fi
 
-# Momentum (Cheng et al.): each method at its own best local step size (grid in the config).
-if [ -d "$RUNS/momentum_lr" ]; then
-  rep momentum_lr "$RUNS/momentum_lr" --last 10 --grid momentum_arm:client.lr --best-over client.lr \
-    --claim "momentum_arm=fedavg_m > momentum_arm=fedavg" \
+# Momentum (Cheng et al.): each method at its own best local step size (grid in the config);
+# momentum_full: FedAvg-M's claim is for full participation (N = 10, everyone every round).
+M="--last 10 --grid momentum_arm:client.lr --best-over client.lr"
+for name in momentum_lr momentum_full; do
+  [ -d "$RUNS/$name" ] || continue
+  extra=()
+  [ "$name" = momentum_lr ] && extra=(--claim "momentum_arm=fedavg_m_vr > momentum_arm=fedavg_m"
+                                      --claim "momentum_arm=scaffold_m_vr > momentum_arm=scaffold_m")
+  # shellcheck disable=SC2086
+  rep "$name" "$RUNS/$name" $M --claim "momentum_arm=fedavg_m > momentum_arm=fedavg" \
     --claim "momentum_arm=scaffold_m > momentum_arm=scaffold" \
-    --claim "momentum_arm=scaffold > momentum_arm=fedavg" \
-    --claim "momentum_arm=fedavg_m_vr > momentum_arm=fedavg_m" \
-    --claim "momentum_arm=scaffold_m_vr > momentum_arm=scaffold_m"
-fi
-
-# FedAvg-M's claim is for full participation (N = 10, everyone every round)
-if [ -d "$RUNS/momentum_full" ]; then
-  rep momentum_full "$RUNS/momentum_full" --last 10 --grid momentum_arm:client.lr --best-over client.lr \
-    --claim "momentum_arm=fedavg_m > momentum_arm=fedavg" \
-    --claim "momentum_arm=scaffold_m > momentum_arm=scaffold" \
-    --claim "momentum_arm=scaffold > momentum_arm=fedavg"
-fi
+    --claim "momentum_arm=scaffold > momentum_arm=fedavg" "${extra[@]}"
+done
 
 # MUD-HoG (Gupta et al.): MUD-HoG above FedAvg and every robust baseline under the mixture.
 if [ -d "$RUNS/mudhog_mix" ]; then
