@@ -59,10 +59,11 @@ for t in mudhog_signflip_heavy mudhog_labelflip_heavy mudhog_iid; do
   rep "$t" "$RUNS/$t" --last 5 --claim "mudhog_arm=mudhog > mudhog_arm=fedavg" \
     --panels det_signflip_recall,det_noise_recall,det_targeted_recall,det_unreliable_recall,det_fp,test_accuracy
 done
-if [ -d "$RUNS/mudhog_codeparity" ] && [ -d "$RUNS/mudhog_mix" ]; then
-  # the authors' code behaviour (frozen short HoG, noise may be the largest cluster) vs fedsim's defaults
-  rep mudhog_codeparity "$RUNS/mudhog_codeparity" "$RUNS/mudhog_mix" --last 5 \
-    --where mudhog_arm=mudhog \
+# the authors' code behaviour (frozen short HoG, noise may be the largest cluster) vs fedsim's defaults
+for pair in "mudhog_codeparity mudhog_mix" "mudhog_signflip_codeparity mudhog_signflip_heavy"; do
+  set -- $pair
+  [ -d "$RUNS/$1" ] && [ -d "$RUNS/$2" ] || continue
+  rep "$1" "$RUNS/$1" "$RUNS/$2" --last 5 --where mudhog_arm=mudhog \
     --claim "strategy.short_hog=frozen > strategy.short_hog=moving" \
     --panels det_signflip_recall,det_noise_recall,det_targeted_recall,det_unreliable_recall,det_fp,test_accuracy
-fi
+done
