@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_report import fake_run  # tests/ is on sys.path (pytest prepend import mode)
 
 from fedsim import claims, report
-from tests.test_report import fake_run
 
 
 @pytest.fixture
