@@ -42,3 +42,27 @@ def run(tmp_path: Path):
 
 
 MNIST10K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist10k.npz"
+
+
+@pytest.fixture
+def run_until_interrupted(monkeypatch):
+    """``f(cfg, run_dir, stop_round=3)``: run ``cfg`` and raise KeyboardInterrupt right after
+    round ``stop_round`` is recorded (as Ctrl-C would), for checkpoint/resume tests."""
+    from fedsim.results import Recorder
+
+    def run_and_stop(cfg, run_dir: Path, stop_round: int = 3) -> None:
+        real_add = Recorder.add
+
+        def add_then_stop(self, row):
+            real_add(self, row)
+            if row["round"] == stop_round:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(Recorder, "add", add_then_stop)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run_experiment(cfg, run_dir)
+        finally:
+            monkeypatch.setattr(Recorder, "add", real_add)
+
+    return run_and_stop

@@ -149,27 +149,15 @@ def test_flwr_apps_run_the_configured_experiment(tmp_path):
         apps.app_config({"overrides": "num_clients=5"}, 3)
 
 
-def test_resume_on_ray_is_bitwise_equal(ray_session, tmp_path, monkeypatch):
+def test_resume_on_ray_is_bitwise_equal(ray_session, tmp_path, run_until_interrupted):
     """Checkpoint/resume on ray (issue 12): the engine keeps client contexts on the driver, so a
     run stopped after its round-2 checkpoint (KeyboardInterrupt in round 3) resumes on ray to
     the inline run's final model, bit for bit. (SIGKILL of a real process: tests/test_cli_runs.py.)"""
-    from fedsim.results import Recorder
-
     ov = ["num_clients=4", "client.epochs=1", "client.num_threads=1", "dataset.max_samples=400", "strategy=scaffold",
           "rounds=5", "participation.fraction=0.5", "client.steps=5", "seed=4", "output.checkpoint_every=2"]
     ref, stopped = tmp_path / "ref", tmp_path / "stopped"
     run_experiment(compose_config(ov), ref)
-    real_add = Recorder.add
-
-    def add_then_stop(self, row):
-        real_add(self, row)
-        if row["round"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Recorder, "add", add_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(compose_config(ov + ["engine=ray"]), stopped)
-    monkeypatch.setattr(Recorder, "add", real_add)
+    run_until_interrupted(compose_config(ov + ["engine=ray"]), stopped)
     assert len(read_metrics(stopped)) == 3 and not (stopped / "summary.json").exists()
     summary = run_experiment(compose_config(ov + ["engine=ray", "output.resume=true"]), stopped)
     assert summary["engine"] == "ray" and summary["status"] == "ok"

@@ -315,7 +315,7 @@ def test_tensorboard_scalars_and_progress_bar(run):
     ["strategy=multimetric", "threat=model_replacement", "num_clients=6"],
     ["strategy=gossip", "topology=ring", "strategy.merge=vca"],  # node models in context.state + the relay
 ])
-def test_resume_is_bitwise_equal_for_every_state_kind(strategy, tmp_path, monkeypatch):
+def test_resume_is_bitwise_equal_for_every_state_kind(strategy, tmp_path, run_until_interrupted):
     from fedsim.compose import compose_config
     from fedsim.experiment import run_experiment
 
@@ -323,17 +323,7 @@ def test_resume_is_bitwise_equal_for_every_state_kind(strategy, tmp_path, monkey
           "output.checkpoint_every=2", *strategy]
     ref, stopped = tmp_path / "ref", tmp_path / "stopped"
     run_experiment(compose_config(ov), ref)
-    real_add = Recorder.add
-
-    def add_then_stop(self, row):
-        real_add(self, row)
-        if row["round"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Recorder, "add", add_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(compose_config(ov), stopped)
-    monkeypatch.setattr(Recorder, "add", real_add)
+    run_until_interrupted(compose_config(ov), stopped)
     run_experiment(compose_config(ov + ["output.resume=true"]), stopped)
     a, b = torch.load(ref / "model.pt", weights_only=True), torch.load(stopped / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
